@@ -1,0 +1,51 @@
+"""`dharma-controller`: `migrate` the schema, or `run` the service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from dharma_common.logs import configure_logging
+from dharma_common.settings import ConfigError, DatabaseSettings, load_settings
+
+log = logging.getLogger("controller")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dharma-controller",
+        description="Dharma Stream batch controller. Configuration comes from the environment "
+        "(DB_HOST, DB_USER, ...; see README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the dharma schema (idempotent)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    if args.command == "migrate":
+        import psycopg2
+
+        from controller.migrate import migrate
+
+        try:
+            db = load_settings(DatabaseSettings)
+            applied = migrate(db)
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            print(f"dharma-controller: configuration error: {exc}", file=sys.stderr)
+            return 2
+        except psycopg2.Error as exc:
+            print(f"dharma-controller: migration failed on {db.describe()}: {exc}", file=sys.stderr)
+            return 1
+        print(f"schema up to date ({len(applied)} migration(s) applied)")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

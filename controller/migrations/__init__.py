@@ -1,0 +1,1 @@
+"""Versioned schema migrations: `NNNN_name.sql`, applied in order by `dharma-controller migrate`."""

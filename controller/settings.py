@@ -1,0 +1,108 @@
+"""The controller's configuration, read from the environment and validated at start-up.
+
+This is the contract shared with the Helm chart (deploy/helm/dharma-stream renders these
+variables into the controller's ConfigMap) and the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from dharma_common.settings import DatabaseSettings
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _default_namespace() -> str:
+    try:
+        return _SA_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+class ControllerSettings(DatabaseSettings):
+    """Everything `dharma-controller run` reads from the environment."""
+
+    EXECUTOR: str = Field(default="kubernetes", pattern=r"^(kubernetes|local)$")
+    #: Global cap on attempts in flight (processing rows), across all replicas.
+    MAX_CONCURRENT_JOBS: int = Field(default=4, ge=1, le=10_000)
+    CLAIM_BATCH_SIZE: int = Field(default=50, ge=1, le=1000)
+    #: Safety-net poll; LISTEN/NOTIFY wakes the controller at once in the normal case.
+    POLL_INTERVAL_SECONDS: float = Field(default=10.0, gt=0)
+    #: Full comparison of owned rows with observed runners (catches anything a watch missed).
+    RESYNC_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
+    RETRY_BASE_SECONDS: float = Field(default=30.0, ge=0)
+    RETRY_MAX_SECONDS: float = Field(default=3600.0, ge=0)
+    #: A runner pod still Pending (image pull errors, unschedulable) this long fails the attempt.
+    PENDING_TIMEOUT_SECONDS: float = Field(default=600.0, gt=0)
+    #: activeDeadlineSeconds of each attempt (and the local executor's wall-clock limit).
+    JOB_DEADLINE_SECONDS: int = Field(default=4 * 3600, ge=1)
+    JOB_TTL_SECONDS: int = Field(default=7 * 24 * 3600, ge=0)
+    LOG_LEVEL: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    #: Prometheus metrics, /healthz and /readyz.
+    METRICS_PORT: int = Field(default=9090, ge=0, le=65535)
+    #: This replica's identity (the pod name in Kubernetes).
+    POD_NAME: str = Field(default="", max_length=253)
+
+    # --- Kubernetes executor -------------------------------------------------------------
+    NAMESPACE: str = Field(
+        default_factory=_default_namespace, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
+    #: Prefix of every Job name: <prefix>-<job id>-<attempt>.
+    JOB_NAME_PREFIX: str = Field(default="dharma-stt", pattern=r"^[a-z]([-a-z0-9]{0,30}[a-z0-9])?$")
+    RUNNER_IMAGE: str = "ghcr.io/dharma-stream/jobrunner:0.1.0"
+    RUNNER_IMAGE_PULL_POLICY: str = Field(
+        default="IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$"
+    )
+    RUNNER_IMAGE_PULL_SECRETS: str = ""  # comma-separated Secret names
+    RUNNER_SERVICE_ACCOUNT: str = ""
+    RUNNER_CPU_REQUEST: str = Field(default="1", pattern=_QUANTITY)
+    RUNNER_CPU_LIMIT: str = Field(default="2", pattern=_QUANTITY)
+    RUNNER_MEMORY_REQUEST: str = Field(default="1Gi", pattern=_QUANTITY)
+    RUNNER_MEMORY_LIMIT: str = Field(default="2Gi", pattern=_QUANTITY)
+    #: After an OOM kill the next attempt gets limit x factor, up to this cap.
+    RUNNER_MEMORY_LIMIT_MAX: str = Field(default="8Gi", pattern=_QUANTITY)
+    RUNNER_OOM_MEMORY_FACTOR: float = Field(default=2.0, ge=1.0, le=16.0)
+    RUNNER_SCRATCH_SIZE: str = Field(default="20Gi", pattern=_QUANTITY)
+    #: Secret with DB_PASSWORD, WEBDAV_PASSWORD (referenced with envFrom, never copied).
+    RUNNER_SECRET_NAME: str = "dharma-stream"  # noqa: S105 - a name, not a secret
+    #: ConfigMap with the runner's non-secret settings (DB_HOST, WEBDAV_BASE_URL, HLS_*, ...).
+    RUNNER_CONFIGMAP_NAME: str = "dharma-stream-runner"
+    RUNNER_PRIORITY_CLASS: str = ""
+    RUNNER_NODE_SELECTOR: dict[str, str] = Field(default_factory=dict)  # JSON
+    RUNNER_TOLERATIONS: list[dict[str, Any]] = Field(default_factory=list)  # JSON
+    RUNNER_AFFINITY: dict[str, Any] = Field(default_factory=dict)  # JSON
+    RUNNER_POD_LABELS: dict[str, str] = Field(default_factory=dict)  # JSON
+    RUNNER_POD_ANNOTATIONS: dict[str, str] = Field(default_factory=dict)  # JSON
+    # --- Leader election (coordination.k8s.io Lease) ---------------------------------------
+    LEADER_ELECTION: bool = False
+    LEASE_NAME: str = "dharma-stream-controller"
+    LEASE_DURATION_SECONDS: float = Field(default=15.0, gt=1)
+
+    # --- Local executor ------------------------------------------------------------------
+    #: Per-attempt scratch directories live below this (removed after each attempt).
+    LOCAL_SCRATCH_DIR: Path = Path("/tmp/dharma-stream")  # noqa: S108
+    #: Memory limit of one local runner process (bytes; 0 = none), enforced by the executor.
+    LOCAL_MEMORY_LIMIT_BYTES: int = Field(default=0, ge=0)
+
+    @field_validator("RUNNER_IMAGE")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be an image reference such as registry/jobrunner:tag")
+        return value
+
+    @field_validator(
+        "RUNNER_NODE_SELECTOR", "RUNNER_TOLERATIONS", "RUNNER_AFFINITY",
+        "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else None
+        return value

@@ -1,0 +1,73 @@
+"""The contract between the controller and the jobrunner.
+
+The runner never sets a job's final status; it tells the controller how an attempt ended
+through its exit code (the error class) and a one-line termination message (what a person
+should do). Both sides import these constants so they can never drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+#: Where Kubernetes reads a container's termination message; the local executor overrides it.
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+#: Kubernetes truncates termination messages at 4096 bytes; keep well under it.
+MAX_TERMINATION_MESSAGE_BYTES = 1024
+
+
+class ExitCode(enum.IntEnum):
+    """Runner exit codes. Anything not listed (a crash, a signal) counts as temporary."""
+
+    OK = 0
+    #: Retrying cannot help: bad media, missing source, forbidden path, bad configuration.
+    PERMANENT = 10
+    #: Worth retrying later: a server was unreachable, a transfer failed, the database restarted.
+    TEMPORARY = 11
+    #: This attempt no longer owns the row (a newer attempt or a cancellation): nothing to record.
+    FENCED = 12
+
+
+class ErrorClass(str, enum.Enum):
+    """How the controller treats a failed attempt."""
+
+    PERMANENT = "permanent"
+    TEMPORARY = "temporary"
+    FENCED = "fenced"
+
+
+def classify_exit_code(code: int | None) -> ErrorClass:
+    """Map a runner exit code to the way the controller must treat it."""
+    if code == ExitCode.PERMANENT:
+        return ErrorClass.PERMANENT
+    if code == ExitCode.FENCED:
+        return ErrorClass.FENCED
+    return ErrorClass.TEMPORARY
+
+
+def one_line(message: str, limit: int = MAX_TERMINATION_MESSAGE_BYTES) -> str:
+    """Collapse a message to one line of at most `limit` UTF-8 bytes (never splitting a char)."""
+    text = " ".join(message.split())
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def termination_message_path() -> Path:
+    """The file the runner writes its one-line reason to (env TERMINATION_MESSAGE_PATH)."""
+    return Path(os.environ.get("TERMINATION_MESSAGE_PATH") or DEFAULT_TERMINATION_MESSAGE_PATH)
+
+
+# Labels put on every Kubernetes Job and pod of an attempt, so that
+# `kubectl logs -l dharma.stream/media-id=<uuid>` finds every run of one media file.
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB_ID = "dharma.stream/job-id"
+LABEL_MEDIA_ID = "dharma.stream/media-id"
+LABEL_ATTEMPT = "dharma.stream/attempt"
+APP_NAME = "dharma-stream"
+RUNNER_COMPONENT = "jobrunner"
+MANAGED_BY = "dharma-controller"

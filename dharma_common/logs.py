@@ -1,0 +1,72 @@
+"""Structured logs: one JSON object per line, carrying the job id, media id and attempt.
+
+Context is held in a contextvar so every line logged while handling one attempt carries
+its identity without threading it through every call (kopf's per-object log context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "dharma_log_context", default=None
+)
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add fields (job_id, media_id, attempt, ...) to every log line inside the block."""
+    current = dict(_context.get() or {})
+    current.update({k: v for k, v in fields.items() if v is not None})
+    token = _context.set(current)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def current_context() -> dict[str, Any]:
+    """The fields bound by enclosing `log_context` blocks (copied for threads)."""
+    return dict(_context.get() or {})
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a record as one JSON line: time, level, logger, event, context, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, tz=dt.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        payload.update(_context.get() or {})
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send JSON lines to stderr (stdout stays free for command output)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Chatty libraries: keep their warnings, drop their per-request noise.
+    for name in ("urllib3", "kubernetes", "wsgidav", "cheroot"):
+        logging.getLogger(name).setLevel(logging.WARNING)

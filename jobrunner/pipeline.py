@@ -1,0 +1,300 @@
+"""One job attempt, end to end: fence check, download, probe, encode once, transcribe,
+upload, record. The order is chosen so that a crash at any line loses nothing and a stale
+attempt changes nothing:
+
+- results are written to the database last, in one fenced transaction, after every
+  artifact is on WebDAV — a job is never "done" with files missing;
+- the HLS playlist is uploaded after its segments, so a player never sees a playlist
+  pointing at a missing segment;
+- the scratch directory is removed on every path out, including SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from dharma_common.logs import current_context, log_context
+from jobrunner.errors import BadMediaError, FencedOut, TemporaryError
+from jobrunner.ffmpeg import FFmpegProcess, run_ffmpeg
+from jobrunner.paths import ArtifactLayout, dav_segments, source_extension, url_path
+from jobrunner.plan import EncodeOptions, Workspace, make_plan
+from jobrunner.probe import check_usable, parse_probe, run_ffprobe
+from jobrunner.settings import RunnerSettings
+from jobrunner.store import RunnerStore
+from jobrunner.subtitles import clean_segments, render_webvtt
+from jobrunner.transcribe import Transcriber, WhisperCpp, check_language
+from jobrunner.webdav import WebDAVClient
+
+log = logging.getLogger("jobrunner")
+
+#: Share of the progress bar given to transcription; the rest is packaging and upload.
+_TRANSCRIBE_SHARE = 0.9
+
+
+class Interrupted(TemporaryError):
+    """SIGTERM (deadline, node drain, cancellation): stop, clean up, let the controller decide."""
+
+
+@dataclass
+class Outcome:
+    """What an attempt produced (returned for tests and the benchmark)."""
+
+    segments: int
+    duration: float
+    copied_video: bool | None
+    copied_audio: bool | None
+    timings: dict[str, float]
+
+
+class _Stop:
+    """Set by SIGTERM or a lost fence. Python code checks it; whisper polls it by callback."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.in_native = False
+
+    def __call__(self) -> bool:
+        return self.reason is not None
+
+
+@contextmanager
+def _sigterm(stop: _Stop) -> Iterator[None]:
+    """Turn SIGTERM into `Interrupted` — except inside whisper.cpp, where raising through C
+    code is unsafe; there the abort callback sees the flag within a second."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.reason = "terminated by SIGTERM (deadline, node drain or cancellation)"
+        if not stop.in_native:
+            raise Interrupted(stop.reason)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Progress:
+    """Throttled, fenced progress writes from a background thread. A write that finds the row
+    no longer ours stops the attempt (via `_Stop`)."""
+
+    def __init__(self, store: RunnerStore, stop: _Stop, interval: float) -> None:
+        self._store, self._stop, self._interval = store, stop, interval
+        self._value: float | None = None
+        self._written: float | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._context = current_context()
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def update(self, value: float) -> None:
+        self._value = value
+
+    def _flush(self) -> None:
+        value = self._value
+        if value is None or value == self._written:
+            return
+        try:
+            owned = self._store.set_progress(value)
+        except TemporaryError as exc:
+            log.warning("progress not written", extra={"error": str(exc)})
+            return
+        self._written = value
+        if not owned and self._stop.reason is None:
+            self._stop.reason = "the job is no longer owned by this attempt (cancelled or retried)"
+
+    def _loop(self) -> None:
+        with log_context(**self._context):
+            while not self._done.wait(self._interval or 0.5):
+                self._flush()
+            self._flush()
+
+
+def _timed(timings: dict[str, float], name: str) -> Callable[[], None]:
+    start = time.monotonic()
+
+    def done() -> None:
+        timings[name] = round(time.monotonic() - start, 3)
+
+    return done
+
+
+def upload_artifacts(dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, workers: int) -> int:
+    """MKCOL the tree, upload files in parallel, and the playlist strictly last."""
+    for collection in layout.collections():
+        dav.mkcol(collection)
+    files: list[tuple[Path, list[str]]] = []
+    for path in (ws.video, ws.audio, ws.vtt):
+        if path.exists():
+            files.append((path, layout.file(path.name)))
+    files += [(p, layout.file("hls", p.name)) for p in sorted(ws.hls.glob("*.ts"))]
+    context = current_context()
+
+    def put(item: tuple[Path, list[str]]) -> None:
+        with log_context(**context):
+            dav.put(*item)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") as pool:
+        list(pool.map(put, files))  # re-raises the first failure
+    dav.put(ws.playlist, layout.file("hls", ws.playlist.name))
+    return len(files) + 1
+
+
+def run_attempt(
+    settings: RunnerSettings,
+    job_id: int,
+    attempt: int,
+    transcriber: Callable[[], Transcriber] | None = None,
+) -> Outcome:
+    """Process one claimed attempt; raises a `RunnerError` subclass on failure."""
+    stop = _Stop()
+    make_transcriber = transcriber or (
+        lambda: WhisperCpp(settings.WHISPER_MODEL, settings.WHISPER_THREADS)
+    )
+    with _sigterm(stop), log_context(job_id=job_id, attempt=attempt):
+        store = RunnerStore(settings, job_id, attempt)
+        try:
+            job = store.load()
+            with log_context(media_id=str(job.media_id)):
+                layout = ArtifactLayout.for_media(job.category_id, job.created_at, job.media_id)
+                source = dav_segments(job.source_path, "media source_path")
+                language = check_language(job.language or settings.WHISPER_LANGUAGE)
+                settings.SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+                scratch = Path(
+                    tempfile.mkdtemp(
+                        prefix=f"dharma-job{job_id}-a{attempt}-", dir=settings.SCRATCH_DIR
+                    )
+                )
+                try:
+                    ws = Workspace(scratch, source_extension(job.source_path))
+                    return _process(
+                        settings, store, stop, ws, layout, source, language, job.media_id,
+                        make_transcriber,
+                    )  # fmt: skip
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            store.close()
+
+
+def _process(
+    settings: RunnerSettings,
+    store: RunnerStore,
+    stop: _Stop,
+    ws: Workspace,
+    layout: ArtifactLayout,
+    source: list[str],
+    language: str,
+    media_id: object,
+    make_transcriber: Callable[[], Transcriber],
+) -> Outcome:
+    timings: dict[str, float] = {}
+    dav = WebDAVClient(
+        settings.WEBDAV_BASE_URL,
+        settings.WEBDAV_USER,
+        settings.WEBDAV_PASSWORD.get_secret_value(),
+        timeout=settings.HTTP_TIMEOUT_SECONDS,
+        retries=settings.HTTP_RETRIES,
+        backoff=settings.HTTP_BACKOFF_SECONDS,
+    )
+    log.info("attempt started", extra={"source": url_path(source), "language": language})
+
+    done = _timed(timings, "download")
+    size = dav.download(source, ws.source, settings.MAX_SOURCE_BYTES)
+    done()
+    if size == 0:
+        raise BadMediaError(f"source {url_path(source)} is empty (0 bytes)")
+    log.info("source downloaded", extra={"bytes": size, "seconds": timings["download"]})
+
+    info = parse_probe(run_ffprobe(ws.source))
+    check_usable(info, settings.MAX_DURATION_SECONDS)
+    opts = EncodeOptions(
+        bitrate=settings.HLS_BITRATE,
+        shard_seconds=settings.HLS_SHARD_SECONDS,
+        audio_bitrate=settings.AUDIO_BITRATE,
+        preset=settings.X264_PRESET,
+    )
+    plan = make_plan(info, ws, opts)
+    ws.hls.mkdir()
+    log.info(
+        "plan",
+        extra={
+            "video": info.video.codec if info.video else None,
+            "audio": info.audio.codec if info.audio else None,
+            "copy_video": plan.copy_video,
+            "copy_audio": plan.copy_audio,
+            "source_duration": info.duration,
+        },
+    )
+
+    if plan.pcm is not None:
+        done = _timed(timings, "extract_audio")
+        run_ffmpeg(plan.pcm, ws.root / "pcm.log", "extract the audio track")
+        done()
+
+    done = _timed(timings, "encode")
+    main = FFmpegProcess(plan.main, ws.root / "main.log", "convert the source")
+    segments = []
+    try:
+        if plan.pcm is not None:
+            model = make_transcriber()
+            t_done = _timed(timings, "transcribe")
+            with _Progress(store, stop, settings.PROGRESS_INTERVAL_SECONDS) as progress:
+                stop.in_native = True
+                try:
+                    segments = model.transcribe(
+                        ws.pcm, language, lambda f: progress.update(f * _TRANSCRIBE_SHARE), stop
+                    )
+                finally:
+                    stop.in_native = False
+            t_done()
+            if stop.reason is not None:
+                raise (Interrupted if "SIGTERM" in stop.reason else FencedOut)(stop.reason)
+        main.wait()
+        done()
+    except BaseException:
+        main.kill()
+        raise
+
+    done = _timed(timings, "package")
+    run_ffmpeg(plan.package, ws.root / "package.log", "package HLS and M4A")
+    out_info = parse_probe(run_ffprobe(ws.video if info.video else ws.audio))
+    done()
+    duration = out_info.duration or info.duration
+    cleaned = clean_segments(segments, int(duration * 1000))
+    ws.vtt.write_text(render_webvtt(cleaned), encoding="utf-8")
+
+    if not store.still_owned():
+        raise FencedOut("the job is no longer owned by this attempt; nothing was uploaded")
+    done = _timed(timings, "upload")
+    uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY)
+    done()
+    log.info("artifacts uploaded", extra={"files": uploaded, "seconds": timings["upload"]})
+
+    store.commit_results(layout.media_id, cleaned, duration)
+    log.info(
+        "attempt succeeded",
+        extra={"subtitles": len(cleaned), "duration": duration, "timings": timings},
+    )
+    return Outcome(len(cleaned), duration, plan.copy_video, plan.copy_audio, timings)

@@ -1,0 +1,139 @@
+"""What is in a media file, according to ffprobe, reduced to what the pipeline decides on."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobrunner.errors import BadMediaError, ToolError
+
+#: Codecs ffprobe reports for still images; a lone image is not a talk.
+_IMAGE_CODECS = {"mjpeg", "png", "bmp", "gif", "webp", "tiff", "jpegls", "jpeg2000", "ljpeg"}
+
+
+@dataclass(frozen=True)
+class VideoStream:
+    index: int
+    codec: str
+    pix_fmt: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    index: int
+    codec: str
+    channels: int
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    format_name: str
+    duration: float
+    video: VideoStream | None
+    audio: AudioStream | None
+
+
+def last_error_line(stderr: str) -> str:
+    """FFmpeg's own reason: the last non-empty line it printed."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def run_ffprobe(path: Path, timeout: float = 120.0) -> dict[str, Any]:
+    """ffprobe's JSON for `path`; a file it cannot read is bad media, quoting its reason."""
+    cmd = [
+        "ffprobe", "-v", "error", "-hide_banner", "-print_format", "json",
+        "-show_format", "-show_streams", "--", str(path),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BadMediaError(f"ffprobe could not read the source within {timeout:.0f} s") from None
+    except FileNotFoundError:
+        raise ToolError("ffprobe is not installed in this image") from None
+    if proc.returncode != 0:
+        raise BadMediaError(
+            f"source is not readable media: ffprobe: {last_error_line(proc.stderr)}"
+        )
+    try:
+        data: dict[str, Any] = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        raise BadMediaError("source is not readable media: ffprobe printed no JSON") from None
+    return data
+
+
+def _float(value: Any) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return result if math.isfinite(result) else 0.0
+
+
+def parse_probe(data: dict[str, Any]) -> MediaInfo:
+    """Pick the streams that matter: the default (else first) real video stream — cover art
+    and other attached pictures are not video — and the default (else first) audio stream."""
+    streams = data.get("streams") or []
+    fmt = data.get("format") or {}
+
+    def pick(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        for stream in candidates:
+            if (stream.get("disposition") or {}).get("default"):
+                return stream
+        return candidates[0] if candidates else None
+
+    videos = [
+        s for s in streams
+        if s.get("codec_type") == "video"
+        and not (s.get("disposition") or {}).get("attached_pic")
+    ]  # fmt: skip
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    v, a = pick(videos), pick(audios)
+    video = (
+        VideoStream(
+            index=int(v["index"]),
+            codec=str(v.get("codec_name", "")),
+            pix_fmt=str(v.get("pix_fmt", "")),
+            width=int(v.get("width") or 0),
+            height=int(v.get("height") or 0),
+        )
+        if v
+        else None
+    )
+    audio = (
+        AudioStream(int(a["index"]), str(a.get("codec_name", "")), int(a.get("channels") or 0))
+        if a
+        else None
+    )
+    durations = [_float(fmt.get("duration"))] + [_float(s.get("duration")) for s in streams]
+    return MediaInfo(
+        format_name=str(fmt.get("format_name", "")),
+        duration=max(durations),
+        video=video,
+        audio=audio,
+    )
+
+
+def check_usable(info: MediaInfo, max_duration: float) -> None:
+    """Reject what cannot become a talk, with the reason in words."""
+    if info.video is None and info.audio is None:
+        raise BadMediaError(
+            f"source has no audio or video stream (container {info.format_name or 'unknown'})"
+        )
+    if info.audio is None and info.video is not None and info.video.codec in _IMAGE_CODECS:
+        raise BadMediaError(
+            f"source is a still image ({info.video.codec}), not a video or audio recording"
+        )
+    if info.video is not None and (info.video.width <= 0 or info.video.height <= 0):
+        raise BadMediaError("source video stream has no picture size; the file may be damaged")
+    if info.duration > max_duration:
+        raise BadMediaError(
+            f"source declares a duration of {info.duration:,.0f} s, over the limit of "
+            f"{max_duration:,.0f} s (MAX_DURATION_SECONDS)"
+        )

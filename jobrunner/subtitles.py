@@ -1,0 +1,81 @@
+"""Subtitle segments: cleaning whisper's output and rendering WebVTT."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_ms: int
+    end_ms: int
+    text: str
+
+
+def decode_segments(raw: Iterable[tuple[int, int, bytes]]) -> list[Segment]:
+    """Decode whisper's per-segment UTF-8 bytes as ONE stream.
+
+    whisper.cpp cuts segments on token boundaries, and a token can end in the middle of a
+    multi-byte character (common in Chinese). Decoding each segment on its own would turn
+    both halves into U+FFFD; an incremental decoder carries the dangling bytes into the next
+    segment instead, so every character survives intact.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for start_ms, end_ms, data in raw:
+        out.append(Segment(start_ms, end_ms, decoder.decode(data)))
+    tail = decoder.decode(b"", final=True)
+    if tail and out:
+        last = out[-1]
+        out[-1] = Segment(last.start_ms, last.end_ms, last.text + tail)
+    return out
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def clean_segments(segments: Iterable[Segment], duration_ms: int | None = None) -> list[Segment]:
+    """Strip text, drop empty segments, clamp times, and collapse consecutive repeats.
+
+    Whisper is known to hallucinate the same line over and over on silence or music; a run
+    of identical consecutive lines becomes one segment spanning the whole run.
+    """
+    cleaned: list[Segment] = []
+    for seg in segments:
+        text = " ".join(seg.text.split())
+        if not text:
+            continue
+        start = max(0, seg.start_ms)
+        end = max(start, seg.end_ms)
+        if duration_ms is not None and duration_ms > 0:
+            start, end = min(start, duration_ms), min(end, duration_ms)
+        if cleaned and _norm(cleaned[-1].text) == _norm(text):
+            prev = cleaned[-1]
+            cleaned[-1] = Segment(prev.start_ms, max(prev.end_ms, end), prev.text)
+            continue
+        cleaned.append(Segment(start, end, text))
+    return cleaned
+
+
+def _timestamp(ms: int) -> str:
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
+
+
+def _escape(text: str) -> str:
+    """WebVTT cue text: `&` and `<` are markup, and `-->` would end a timing line."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_webvtt(segments: Iterable[Segment]) -> str:
+    """A WebVTT document; with no segments it is just the header (a valid empty track)."""
+    parts = ["WEBVTT", ""]
+    for number, seg in enumerate(segments, start=1):
+        parts += [str(number), f"{_timestamp(seg.start_ms)} --> {_timestamp(seg.end_ms)}"]
+        parts += [_escape(seg.text), ""]
+    return "\n".join(parts) + "\n"
