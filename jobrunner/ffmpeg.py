@@ -39,7 +39,8 @@ class FFmpegProcess:
             self._log.close()
         if code == 0:
             return
-        reason = last_error_line(self._log_path.read_text(encoding="utf-8", errors="replace"))
+        text = self._log_path.read_text(encoding="utf-8", errors="replace")
+        reason = last_error_line(text, self._log_path.parent)
         if code < 0:
             raise TemporaryError(f"ffmpeg ({self.what}) was killed by signal {-code}")
         if "No space left on device" in reason:

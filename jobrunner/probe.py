@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,23 @@ class MediaInfo:
     audio: AudioStream | None
 
 
-def last_error_line(stderr: str) -> str:
-    """FFmpeg's own reason: the last non-empty line it printed."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else "no error output"
+_POINTER = re.compile(r" @ 0x[0-9a-f]+\]")
+
+
+def last_error_line(stderr: str, scratch: Path | None = None, lines: int = 2) -> str:
+    """FFmpeg's own reason: its last distinct error lines (the specific one, such as
+    "moov atom not found", usually precedes the generic "Invalid data found"), with our
+    private scratch path and memory addresses removed so the message reads cleanly."""
+    found: list[str] = []
+    for raw in reversed(stderr.splitlines()):
+        line = _POINTER.sub("]", raw.strip())
+        if scratch is not None:
+            line = line.replace(f"{scratch}/", "")
+        if line and line not in found:
+            found.insert(0, line)
+        if len(found) == lines:
+            break
+    return "; ".join(found) if found else "no error output"
 
 
 def run_ffprobe(path: Path, timeout: float = 120.0) -> dict[str, Any]:

@@ -1,0 +1,201 @@
+"""Fast tests of the runner's pure pieces: path validation, the encode plan, subtitle
+cleaning and WebVTT, settings errors, and the termination-message contract."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dharma_common.contract import ErrorClass, ExitCode, classify_exit_code, one_line
+from dharma_common.settings import ConfigError, load_settings
+from jobrunner.errors import BadMediaError, PermanentError
+from jobrunner.paths import ArtifactLayout, dav_segments, source_extension, url_path
+from jobrunner.plan import EncodeOptions, Workspace, bits_per_second, make_plan
+from jobrunner.probe import AudioStream, MediaInfo, VideoStream, check_usable, parse_probe
+from jobrunner.settings import RunnerSettings
+from jobrunner.subtitles import Segment, clean_segments, decode_segments, render_webvtt
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../etc", "a/../../b", "/", "", "a//b", "x\x00y", "dir\\file", "./a", "line\nbreak"],
+)
+def test_dav_segments_rejects_unsafe_paths(bad: str) -> None:
+    with pytest.raises(PermanentError):
+        dav_segments(bad)
+
+
+def test_dav_segments_keeps_odd_but_safe_names() -> None:
+    segments = dav_segments("/uploads/-rf 'talk' \"x\" #1?.mp4")
+    assert segments == ["uploads", "-rf 'talk' \"x\" #1?.mp4"]
+    assert url_path(segments) == "/uploads/-rf%20%27talk%27%20%22x%22%20%231%3F.mp4"
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "-x", "a/b", "", "a" * 65, "kat zen", "é"])
+def test_category_must_be_one_safe_segment(bad: str) -> None:
+    with pytest.raises(PermanentError, match="category_id"):
+        ArtifactLayout.for_media(bad, dt.datetime.now(dt.timezone.utc), uuid.uuid4())
+
+
+def test_layout_uses_created_at_in_utc() -> None:
+    media = uuid.uuid4()
+    # 00:30 on 1 Nov in UTC+2 is still October in UTC.
+    created = dt.datetime(2025, 11, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    layout = ArtifactLayout.for_media("talks", created, media)
+    assert layout.file("video.mp4") == ["talks", "2510", str(media), "video.mp4"]
+    assert layout.collections()[-1] == ["talks", "2510", str(media), "hls"]
+
+
+def test_source_extension_only_plain() -> None:
+    assert source_extension("/a/b/Talk.MP4") == ".mp4"
+    assert source_extension("/a/b/talk") == ""
+    assert source_extension("/a/b/x.$(rm -rf)") == ""
+
+
+def _info(vcodec: str | None, pix: str = "yuv420p", acodec: str | None = "aac") -> MediaInfo:
+    video = VideoStream(0, vcodec, pix, 1280, 720) if vcodec else None
+    audio = AudioStream(1, acodec, 2) if acodec else None
+    return MediaInfo("mov,mp4", 60.0, video, audio)
+
+
+def test_plan_copies_h264_aac() -> None:
+    plan = make_plan(_info("h264"), Workspace(Path("/s"), ".mp4"), EncodeOptions())
+    assert plan.copy_video and plan.copy_audio
+    assert "libx264" not in plan.main and "aac" not in plan.main
+    assert plan.main[plan.main.index("-c:v") + 1] == "copy"
+    assert plan.pcm is not None and "16000" in plan.pcm
+    # HLS and M4A come from the MP4 by stream copy, never a second encode.
+    assert "libx264" not in plan.package and plan.package.count("copy") == 2
+
+
+def test_plan_encodes_vp9_once_with_aligned_keyframes() -> None:
+    opts = EncodeOptions(bitrate="1500k", shard_seconds=4)
+    plan = make_plan(_info("vp9", acodec="opus"), Workspace(Path("/s")), opts)
+    assert plan.main.count("libx264") == 1 and plan.copy_video is False
+    assert "expr:gte(t,n_forced*4)" in plan.main
+    assert plan.main[plan.main.index("-b:v") + 1] == "1500000"
+    assert plan.main[plan.main.index("-c:a") + 1] == "aac"
+    assert "libx264" not in plan.package
+
+
+@pytest.mark.parametrize("pix", ["yuv420p10le", "yuv444p", "yuv422p"])
+def test_plan_reencodes_h264_that_browsers_cannot_play(pix: str) -> None:
+    plan = make_plan(_info("h264", pix=pix), Workspace(Path("/s")), EncodeOptions())
+    assert plan.copy_video is False and "yuv420p" in plan.main
+
+
+def test_plan_audio_only_has_no_mp4() -> None:
+    plan = make_plan(_info(None, acodec="mp3"), Workspace(Path("/s")), EncodeOptions())
+    assert not any(str(p).endswith("video.mp4") for p in plan.outputs)
+    assert plan.main[-1].endswith("audio.m4a")
+
+
+def test_plan_video_only_has_no_audio_work() -> None:
+    plan = make_plan(_info("h264", acodec=None), Workspace(Path("/s")), EncodeOptions())
+    assert plan.pcm is None and "0:a" not in plan.package
+
+
+def test_paths_never_come_from_data() -> None:
+    plan = make_plan(_info("h264"), Workspace(Path("/s"), ".mp4"), EncodeOptions())
+    assert "/s/source.mp4" in plan.main
+    for cmd in (plan.main, plan.package, plan.pcm or []):
+        assert cmd[0] == "ffmpeg"
+        paths = [arg for arg in cmd if "/" in arg and not arg.startswith(("expr:", "scale="))]
+        assert paths and all(arg.startswith("/s/") for arg in paths), paths
+
+
+def test_bits_per_second() -> None:
+    assert bits_per_second("2000k") == 2_000_000
+    assert bits_per_second("2M") == 2_000_000
+    with pytest.raises(ValueError):
+        bits_per_second("fast")
+
+
+def test_parse_probe_ignores_cover_art() -> None:
+    data = {
+        "format": {"format_name": "mp3", "duration": "11.0"},
+        "streams": [
+            {"index": 0, "codec_type": "audio", "codec_name": "mp3", "channels": 1},
+            {"index": 1, "codec_type": "video", "codec_name": "mjpeg", "width": 64,
+             "height": 64, "disposition": {"attached_pic": 1}},
+        ],
+    }  # fmt: skip
+    info = parse_probe(data)
+    assert info.video is None and info.audio is not None and info.duration == 11.0
+
+
+def test_check_usable_rejects_images_and_absurd_durations() -> None:
+    image = MediaInfo("png_pipe", 0.0, VideoStream(0, "png", "rgb24", 64, 64), None)
+    with pytest.raises(BadMediaError, match="still image"):
+        check_usable(image, 3600)
+    nothing = MediaInfo("mov,mp4", 0.0, None, None)
+    with pytest.raises(BadMediaError, match="no audio or video"):
+        check_usable(nothing, 3600)
+    with pytest.raises(BadMediaError, match="MAX_DURATION_SECONDS"):
+        check_usable(_info("h264"), 30)
+
+
+def test_utf8_split_across_segments_survives() -> None:
+    text = "诸行无常，是生灭法。".encode()
+    # Cut inside a 3-byte character, as whisper.cpp does at token boundaries.
+    raw = [(0, 1000, text[:4]), (1000, 2000, text[4:11]), (2000, 3000, text[11:])]
+    segments = decode_segments(raw)
+    assert "".join(s.text for s in segments) == "诸行无常，是生灭法。"
+    assert all("\ufffd" not in s.text for s in segments)
+
+
+def test_clean_collapses_repeats_and_drops_blanks() -> None:
+    segments = [
+        Segment(0, 1000, " Hello "),
+        Segment(1000, 2000, "hello"),
+        Segment(2000, 3000, "HELLO "),
+        Segment(3000, 4000, "   "),
+        Segment(4000, 5000, "world"),
+        Segment(5000, 9999, "hello"),
+    ]
+    cleaned = clean_segments(segments, duration_ms=9000)
+    assert cleaned == [
+        Segment(0, 3000, "Hello"),
+        Segment(4000, 5000, "world"),
+        Segment(5000, 9000, "hello"),
+    ]
+
+
+def test_webvtt_escapes_markup() -> None:
+    vtt = render_webvtt([Segment(61_005, 3_723_004, "a --> b & <c>")])
+    assert vtt.startswith("WEBVTT\n\n1\n00:01:01.005 --> 01:02:03.004\n")
+    assert "a --&gt; b &amp; &lt;c&gt;" in vtt
+    assert render_webvtt([]) == "WEBVTT\n\n"
+
+
+def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DB_HOST", "DB_USER", "WEBDAV_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_settings(RunnerSettings)
+    assert "DB_HOST is required" in str(err.value)
+    assert "WEBDAV_BASE_URL is required" in str(err.value)
+    monkeypatch.setenv("DB_HOST", "db")
+    monkeypatch.setenv("DB_USER", "u")
+    monkeypatch.setenv("WEBDAV_BASE_URL", "https://user:hunter2@dav.example.org")
+    monkeypatch.setenv("HLS_BITRATE", "fast")
+    with pytest.raises(ConfigError) as err:
+        load_settings(RunnerSettings)
+    assert "HLS_BITRATE='fast' is invalid" in str(err.value)
+    assert "WEBDAV_BASE_URL" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_exit_code_contract() -> None:
+    assert classify_exit_code(ExitCode.PERMANENT) is ErrorClass.PERMANENT
+    assert classify_exit_code(ExitCode.FENCED) is ErrorClass.FENCED
+    for code in (1, 11, 137, -9, None):
+        assert classify_exit_code(code) is ErrorClass.TEMPORARY
+
+
+def test_one_line_limits_bytes_without_splitting_characters() -> None:
+    message = one_line("第一行\n第二行 " * 500, limit=100)
+    assert "\n" not in message and len(message.encode()) <= 100
+    message.encode("utf-8").decode("utf-8")
