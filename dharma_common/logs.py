@@ -68,5 +68,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Chatty libraries: keep their warnings, drop their per-request noise.
-    for name in ("urllib3", "kubernetes", "wsgidav", "cheroot"):
+    for name in ("urllib3", "kubernetes", "wsgidav", "cheroot", "pywhispercpp"):
         logging.getLogger(name).setLevel(logging.WARNING)

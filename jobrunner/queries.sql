@@ -12,6 +12,10 @@ UPDATE dharma.stt_jobs
 SET progress = %(progress)s
 WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
 
+-- name: check_attempt
+SELECT 1 FROM dharma.stt_jobs
+WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
+
 -- name: lock_attempt
 SELECT 1 FROM dharma.stt_jobs
 WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing'

@@ -76,7 +76,7 @@ class RunnerStore:
     def still_owned(self) -> bool:
         """Cheap fence check before side effects outside the database (uploads)."""
         with _db_errors(), self._conn.cursor() as cur:
-            cur.execute(Q["lock_attempt"].replace("FOR UPDATE", ""), self._token)
+            cur.execute(Q["check_attempt"], self._token)
             return cur.fetchone() is not None
 
     def set_progress(self, progress: float) -> bool:
