@@ -1,0 +1,272 @@
+"""Pytest plugin: a real Kubernetes control plane for the end-to-end tests.
+
+Why: the controller's value is how it behaves against Kubernetes itself (the Job
+controller, the scheduler, watches that expire, pods that fail), so the e2e
+tests talk to real kube-apiserver, kube-controller-manager, kube-scheduler and
+etcd processes, with KWOK simulating the nodes and each pod's fate
+(`scripts/testbed`, `testbed/stages/pod.yaml`).
+
+The same tests run against any cluster: set ``DHARMA_TEST_KUBECONFIG`` to a
+kubeconfig (e.g. a kind cluster with real containers) and the local testbed is
+neither built nor started. Testbed-only abilities (restarting the API server,
+attaching log files to simulated pods) skip the calling test elsewhere.
+
+Environment:
+    DHARMA_TEST_KUBECONFIG  use this cluster instead of the local testbed
+    DHARMA_TESTBED_KEEP     "1": leave a testbed this session started running
+                            (one started by hand, or still used by another
+                            test session, is always left running)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTBED = REPO_ROOT / "scripts" / "testbed"
+
+# Pod annotations read by the KWOK Stages in testbed/stages/pod.yaml.
+FATE = "testbed.dharma/fate"
+DELAY = "testbed.dharma/delay"
+EXIT_CODE = "testbed.dharma/exit-code"
+MESSAGE = "testbed.dharma/message"
+TERMINATION_DELAY = "testbed.dharma/termination-delay"
+
+# Label on every namespace the fixtures create, so strays are easy to find.
+E2E_LABEL = "dharma-stream.test/e2e"
+
+_CRI_LINE = re.compile(r"^\S+ (stdout|stderr) [FP] ")
+
+T = TypeVar("T")
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    *,
+    what: str,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that.
+
+    Why: everything in Kubernetes is eventually consistent; tests must poll for
+    the state they expect rather than sleep and hope. The timeout only bounds a
+    failure, it is never an assertion about speed.
+    """
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(interval)
+
+
+def _testbed(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/testbed`` for this test session (process).
+
+    Its progress goes to the (captured) terminal. The session id lets the
+    script keep the testbed up while any other test session still uses it.
+    """
+    return subprocess.run(
+        [str(TESTBED), *args],
+        check=True,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        cwd=REPO_ROOT,
+        env={**os.environ, "DHARMA_TESTBED_SESSION": str(os.getpid())},
+    )
+
+
+def _testbed_kubeconfig() -> Path:
+    """The kubeconfig path, from ``scripts/testbed env`` (``export KUBECONFIG=...``)."""
+    out = _testbed("env", capture=True).stdout.strip()
+    return Path(out.partition("=")[2])
+
+
+def _cri_log(lines: list[str]) -> str:
+    """Kubelet's on-disk log format, which KWOK parses when serving `kubectl logs`."""
+    return "".join(
+        f"2000-01-01T00:00:{i % 60:02d}.000000000Z stdout F {line}\n"
+        for i, line in enumerate(lines)
+    )
+
+
+@dataclass
+class Kube:
+    """The cluster under test and what a test may do to it."""
+
+    kubeconfig: Path
+    api_client: client.ApiClient
+    is_testbed: bool
+    log_dir: Path
+    _log_files: int = field(default=0, repr=False)
+    _deleted_namespaces: list[str] = field(default_factory=list, repr=False)
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster and capture its output."""
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            check=check,
+            text=True,
+            capture_output=True,
+        )
+
+    def restart_apiserver(self) -> None:
+        """Stop and start kube-apiserver (etcd keeps the data); returns once it is ready.
+
+        Why: a controller's watches must survive an API server restart, which
+        only the local testbed can do on demand; elsewhere the test is skipped.
+        """
+        if not self.is_testbed:
+            pytest.skip("restarting the API server needs the local testbed")
+        _testbed("restart-apiserver")
+
+    def attach_logs(
+        self, namespace: str, pod: str, container: str, path: Path, *, cri: bool = False
+    ) -> None:
+        """Make ``kubectl logs`` for that container return the lines of ``path``.
+
+        Why: simulated pods have no real output; KWOK serves a file per
+        container, declared by a KWOK ``Logs`` object named like the pod. A
+        plain-text file is converted to kubelet's CRI log format (a copy, taken
+        now); pass ``cri=True`` to serve a CRI-format file as it grows. Only
+        the local testbed reads local files; elsewhere the test is skipped.
+        """
+        if not self.is_testbed:
+            pytest.skip("attaching log files to pods needs the local testbed (KWOK)")
+        path = Path(path).resolve()
+        if not cri:
+            self._log_files += 1
+            served = self.log_dir / f"{namespace}.{pod}.{container}.{self._log_files}.log"
+            served.write_text(_cri_log(path.read_text().splitlines()))
+            path = served
+        api = client.CustomObjectsApi(self.api_client)
+        group, version, plural = "kwok.x-k8s.io", "v1alpha1", "logs"
+        entry = {"containers": [container], "logsFile": str(path)}
+        try:
+            current = cast(
+                "dict[str, Any]",
+                api.get_namespaced_custom_object(group, version, namespace, plural, pod),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {
+                "apiVersion": f"{group}/{version}",
+                "kind": "Logs",
+                "metadata": {"name": pod, "namespace": namespace},
+                "spec": {"logs": [entry]},
+            }
+            api.create_namespaced_custom_object(group, version, namespace, plural, body)
+            return
+        logs = [e for e in current["spec"]["logs"] if container not in e.get("containers", [])]
+        current["spec"]["logs"] = [*logs, entry]
+        api.replace_namespaced_custom_object(group, version, namespace, plural, pod, current)
+
+
+def _api_client(kubeconfig: Path) -> client.ApiClient:
+    """An API client for that kubeconfig (its current context)."""
+    api_client: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(kubeconfig)
+    )
+    return api_client
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """The cluster for e2e tests: the local testbed (built and started on
+    demand) or, with ``DHARMA_TEST_KUBECONFIG``, an existing cluster."""
+    log_dir = tmp_path_factory.mktemp("pod-logs")
+    external = os.environ.get("DHARMA_TEST_KUBECONFIG")
+    if external:
+        kubeconfig = Path(external)
+        api_client = _api_client(kubeconfig)
+        cluster = Kube(kubeconfig, api_client, is_testbed=False, log_dir=log_dir)
+        yield cluster
+        _wait_namespaces_deleted(cluster)
+        api_client.close()  # type: ignore[no-untyped-call]
+        return
+
+    _testbed("build")
+    _testbed("up")
+    kubeconfig = _testbed_kubeconfig()
+    api_client = _api_client(kubeconfig)
+    cluster = Kube(kubeconfig, api_client, is_testbed=True, log_dir=log_dir)
+    yield cluster
+    _wait_namespaces_deleted(cluster)
+    api_client.close()  # type: ignore[no-untyped-call]
+    _testbed("release", str(os.getpid()))
+
+
+def _namespace_name(test_name: str) -> str:
+    """A valid, unique namespace name that still says which test made it."""
+    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    return f"e2e-{slug}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def kube_namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards.
+
+    Deletion takes seconds (the namespace controller waits before it starts),
+    so tests do not wait for it one by one; the session checks at its end that
+    every namespace is really gone, i.e. that all their pods terminated.
+
+    Why wait for the ``default`` ServiceAccount: ServiceAccount admission
+    rejects pods until kube-controller-manager has created it, which would
+    turn into slow Job-controller retries inside the test.
+    """
+    core = client.CoreV1Api(kube.api_client)
+    name = _namespace_name(request.node.name)
+    core.create_namespace(
+        client.V1Namespace.model_validate(
+            {"metadata": {"name": name, "labels": {E2E_LABEL: "true"}}}
+        )
+    )
+
+    def has_default_sa() -> bool:
+        try:
+            core.read_namespaced_service_account("default", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    wait_until(has_default_sa, what=f"ServiceAccount {name}/default")
+    yield name
+
+    core.delete_namespace(name)
+    kube._deleted_namespaces.append(name)
+
+
+def _wait_namespaces_deleted(kube: Kube, timeout: float = 180) -> None:
+    """Fail loudly if a test namespace never goes away (e.g. a stuck pod)."""
+    core = client.CoreV1Api(kube.api_client)
+
+    def remaining() -> list[str]:
+        existing = core.list_namespace(label_selector=f"{E2E_LABEL}=true").items
+        names = {ns.metadata.name for ns in existing if ns.metadata}
+        return [name for name in kube._deleted_namespaces if name in names]
+
+    try:
+        wait_until(lambda: not remaining(), what="test namespaces to be deleted", timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still present: {remaining()}") from None
