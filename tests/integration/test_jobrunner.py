@@ -389,9 +389,11 @@ def test_unreachable_database_is_temporary(runner_env: dict[str, str]) -> None:
     assert runner_env["DB_PASSWORD"] not in result.message + result.stderr
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.5, 2.0])  # audio extraction, model load, encoding
 def test_sigterm_stops_cleanly_and_removes_scratch(
-    queue: Queue, runner_env: dict[str, str], scratch: Path, tmp_path: Path
+    queue: Queue, runner_env: dict[str, str], scratch: Path, tmp_path: Path, delay: float
 ) -> None:
+    """SIGTERM in any phase is temporary (never blamed on the media) and cleans up."""
     from tests.media import make_long_talk
 
     source = make_long_talk(tmp_path, 40, "640x360", "vp9")
@@ -406,7 +408,7 @@ def test_sigterm_stops_cleanly_and_removes_scratch(
     for line in proc.stderr:  # wait until it is encoding and transcribing
         if '"plan"' in line:
             break
-    time.sleep(0.5)
+    time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode == ExitCode.TEMPORARY
