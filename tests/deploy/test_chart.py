@@ -1,0 +1,364 @@
+"""The Helm chart, rendered by the real `helm` (no cluster needed).
+
+Why: the chart is the user's first contact with the project, and its ConfigMaps are the
+controller's and runner's whole configuration. These tests hold it to the settings classes
+(every variable rendered, every rendered value valid), to least privilege, and to "secrets by
+reference only". The API server's verdict on the same manifests is in test_chart_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.jobspec import LaunchSpec, build_job
+from controller.settings import ControllerSettings
+from dharma_common.contract import LABEL_MEDIA_ID
+from jobrunner.settings import RunnerSettings
+from tests.deploy.chart import (
+    CHART,
+    FULL_VALUES,
+    MINIMAL_SET,
+    Manifest,
+    controller_env,
+    controller_settings,
+    find,
+    helm,
+    kinds,
+    pod_specs,
+    render,
+    runner_env,
+    runner_settings,
+    secret_values,
+    values_args,
+)
+
+FULL = (FULL_VALUES,)
+#: Set by Kubernetes per pod (downward API) or from the Secret, never by the ConfigMap.
+NOT_IN_CONFIGMAP = {"DB_PASSWORD", "POD_NAME"}
+#: The local executor's settings: the chart always runs the Kubernetes executor.
+LOCAL_ONLY_PREFIX = "LOCAL_"
+
+
+@pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
+def test_helm_lint_strict(values: tuple[Path, ...]) -> None:
+    result = helm("lint", "--strict", str(CHART), *values_args(values))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_default_values_render_the_expected_objects() -> None:
+    manifests = render()
+    assert kinds(manifests) == sorted(
+        [
+            "ConfigMap", "ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Role",
+            "RoleBinding", "Secret", "Secret", "Service", "ServiceAccount",
+        ]
+    )  # fmt: skip
+    job = find(manifests, "Job", "-migrate")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "dharma-controller",
+        "migrate",
+    ]
+
+
+def test_full_values_render_every_optional_object() -> None:
+    manifests = render(FULL)
+    assert kinds(manifests) == sorted(
+        [
+            "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy",
+            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount",
+            "ServiceMonitor",
+        ]
+    )  # fmt: skip
+    # migrations.mode=initContainer: no hook Job, an init container instead.
+    deployment = find(manifests, "Deployment")
+    init = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert [c["command"] for c in init] == [["dharma-controller", "migrate"]]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
+        "@sha256:" + "0" * 64
+    )
+
+
+def test_migrations_can_be_left_to_the_operator() -> None:
+    manifests = render(set_values=["migrations.mode=none"])
+    assert not [m for m in manifests if m["kind"] == "Job"]
+    assert "initContainers" not in find(manifests, "Deployment")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
+def test_controller_configmap_renders_every_setting(values: tuple[Path, ...]) -> None:
+    """Every ControllerSettings variable is in the ConfigMap, so the chart is the complete,
+    visible configuration; a new setting without a chart value fails here."""
+    env = controller_env(render(values, MINIMAL_SET))
+    expected = {
+        name
+        for name in ControllerSettings.model_fields
+        if name not in NOT_IN_CONFIGMAP and not name.startswith(LOCAL_ONLY_PREFIX)
+    }
+    assert sorted(expected - set(env)) == []
+    assert not NOT_IN_CONFIGMAP & set(env)
+    assert all(isinstance(value, str) for value in env.values())
+
+
+def test_default_values_give_valid_settings() -> None:
+    manifests = render(set_values=MINIMAL_SET, namespace="media")
+    settings = controller_settings(manifests)
+    assert settings.EXECUTOR == "kubernetes"
+    assert settings.NAMESPACE == "media"
+    assert settings.LEADER_ELECTION is False
+    assert settings.RUNNER_IMAGE == "ghcr.io/dharma-stream/jobrunner:0.1.0"
+    assert (
+        find(manifests, "Secret", "-dharma-stream")["metadata"]["name"]
+        == settings.RUNNER_SECRET_NAME
+    )
+    assert (
+        find(manifests, "ConfigMap", "-runner")["metadata"]["name"]
+        == settings.RUNNER_CONFIGMAP_NAME
+    )
+    runner = runner_settings(manifests)
+    assert str(runner.WHISPER_MODEL) == "/models/ggml-base.bin"
+    assert runner.WHISPER_LANGUAGE == "zh"
+    assert runner.WEBDAV_BASE_URL == "https://dav.example.org/media"
+
+
+def test_full_values_reach_the_settings_unchanged() -> None:
+    values = yaml.safe_load(FULL_VALUES.read_text())
+    manifests = render(FULL, namespace="media")
+    settings = controller_settings(manifests)
+    runner = values["runner"]
+    assert settings.LEADER_ELECTION is True
+    assert settings.LEASE_DURATION_SECONDS == 20
+    assert settings.DB_PORT == 6543
+    assert settings.DB_SSLMODE == "verify-full"
+    assert settings.METRICS_PORT == 9102
+    assert settings.JOB_NAME_PREFIX == "talk"
+    assert runner["deadlineSeconds"] == settings.JOB_DEADLINE_SECONDS
+    assert runner["ttlSecondsAfterFinished"] == settings.JOB_TTL_SECONDS
+    assert runner["pendingTimeoutSeconds"] == settings.PENDING_TIMEOUT_SECONDS
+    assert settings.RUNNER_IMAGE == "registry.example.org/dharma/jobrunner:0.1.0-rc1"
+    assert settings.RUNNER_IMAGE_PULL_POLICY == "Always"
+    assert settings.RUNNER_IMAGE_PULL_SECRETS == "registry-credentials,mirror-credentials"
+    assert settings.RUNNER_SERVICE_ACCOUNT == "dharma-runner"
+    assert (settings.RUNNER_CPU_REQUEST, settings.RUNNER_CPU_LIMIT) == ("1500m", "4")
+    assert (settings.RUNNER_MEMORY_REQUEST, settings.RUNNER_MEMORY_LIMIT) == ("3Gi", "6Gi")
+    assert settings.RUNNER_MEMORY_LIMIT_MAX == "24Gi"
+    assert settings.RUNNER_OOM_MEMORY_FACTOR == 1.5
+    assert settings.RUNNER_SCRATCH_SIZE == "100Gi"
+    assert settings.RUNNER_PRIORITY_CLASS == "batch-low"
+    assert runner["nodeSelector"] == settings.RUNNER_NODE_SELECTOR
+    assert runner["tolerations"] == settings.RUNNER_TOLERATIONS
+    assert runner["affinity"] == settings.RUNNER_AFFINITY
+    assert runner["podLabels"] == settings.RUNNER_POD_LABELS
+    assert runner["podAnnotations"] == settings.RUNNER_POD_ANNOTATIONS
+    assert settings.RETRY_BASE_SECONDS == 15.5
+    assert settings.MAX_CONCURRENT_JOBS == 20
+    # Whole numbers stay whole (YAML numbers reach templates as floats).
+    assert runner_env(manifests)["MAX_SOURCE_BYTES"] == "53687091200"
+    parsed = runner_settings(manifests)
+    assert parsed.MAX_SOURCE_BYTES == 53687091200
+    assert parsed.WHISPER_THREADS == 4
+    assert parsed.WHISPER_LANGUAGE == "auto"
+    assert parsed.WHISPER_BEAM_SIZE == 5
+    assert parsed.OVERLAP_VIDEO_ENCODE is True
+
+
+def test_runner_job_built_from_chart_values_uses_the_charts_objects() -> None:
+    """The Job the controller would create references exactly the ConfigMap and Secret the
+    chart made, and carries the chart's scheduling settings."""
+    manifests = render(FULL, namespace="media")
+    job = build_job(
+        controller_settings(manifests),
+        LaunchSpec(job_id=7, attempt=1, media_id="0b6f9c1e-8f43-4d1e-9a55-0d7b7c1f2a10",
+                   memory_limit=None),
+    )  # fmt: skip
+    pod = job["spec"]["template"]["spec"]
+    refs = {
+        next(iter(ref)): next(iter(ref.values()))["name"] for ref in pod["containers"][0]["envFrom"]
+    }
+    assert refs["configMapRef"] == find(manifests, "ConfigMap", "-runner")["metadata"]["name"]
+    assert refs["secretRef"] == find(manifests, "Secret")["metadata"]["name"]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "c6i.2xlarge",
+                                   "workload": "media"}  # fmt: skip
+    assert pod["priorityClassName"] == "batch-low"
+    assert pod["serviceAccountName"] == "dharma-runner"
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"},
+                                       {"name": "mirror-credentials"}]  # fmt: skip
+    assert job["spec"]["activeDeadlineSeconds"] == 28800
+    assert job["metadata"]["namespace"] == "media"
+    assert job["metadata"]["labels"][LABEL_MEDIA_ID] == "0b6f9c1e-8f43-4d1e-9a55-0d7b7c1f2a10"
+
+
+@pytest.mark.parametrize(
+    ("replicas", "leader", "strategy"), [(1, "false", "Recreate"), (2, "true", "RollingUpdate")]
+)
+def test_leader_election_follows_replicas(replicas: int, leader: str, strategy: str) -> None:
+    manifests = render(set_values=[f"controller.replicas={replicas}"])
+    assert controller_env(manifests)["LEADER_ELECTION"] == leader
+    assert find(manifests, "Deployment")["spec"]["strategy"]["type"] == strategy
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("controller.replicas=two", "at '/controller/replicas': got string, want integer"),
+        ("runner.config.X264_PRESET=turbo", "/runner/config/X264_PRESET"),
+        ("runner.resources.limits.memory=lots", "/runner/resources/limits/memory"),
+        ("databse.host=db", "databse"),
+        ("migrations.mode=sometimes", "/migrations/mode"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(setting: str, complaint: str) -> None:
+    result = helm("template", "t", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert complaint in result.stderr, result.stderr
+
+
+def test_schema_is_valid_json_with_no_remote_references() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    assert "$ref" not in json.dumps(schema)
+
+
+def test_passwords_land_only_in_secret_manifests() -> None:
+    manifests = render(FULL)
+    values = yaml.safe_load(FULL_VALUES.read_text())["secret"]
+    passwords = {values["dbPassword"], values["webdavPassword"]}
+    assert set(secret_values(manifests).values()) == passwords
+    for manifest in manifests:
+        if manifest["kind"] != "Secret":
+            text = yaml.safe_dump(manifest)
+            assert not [p for p in passwords if p in text], manifest["metadata"]["name"]
+
+
+def test_existing_secret_is_referenced_and_nothing_is_created() -> None:
+    manifests = render(set_values=["secret.existingSecret=dharma-credentials",
+                                   "secret.dbPassword=ignored"])  # fmt: skip
+    assert "Secret" not in kinds(manifests)
+    assert controller_env(manifests)["RUNNER_SECRET_NAME"] == "dharma-credentials"
+    refs = [
+        env["valueFrom"]["secretKeyRef"]
+        for spec in pod_specs(manifests).values()
+        for container in spec["containers"]
+        for env in container.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    ]
+    assert refs == [
+        {"name": "dharma-credentials", "key": "DB_PASSWORD"},
+        {"name": "dharma-credentials", "key": "DB_PASSWORD"},
+    ]
+
+
+def test_controller_gets_its_password_by_reference() -> None:
+    deployment = find(render(FULL), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "dharma",
+        "key": "DB_PASSWORD",
+    }
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert all("value" not in e for e in env.values())
+
+
+@pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
+def test_role_is_least_privilege(values: tuple[Path, ...]) -> None:
+    rules = find(render(values), "Role")["rules"]
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        assert not {"secrets", "pods/exec", "pods/attach", "pods/portforward"} & set(
+            rule["resources"]
+        )
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    required = {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    required |= {("", "pods", v) for v in ("get", "list", "watch")}
+    required |= {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
+    assert required <= granted
+    optional = {("", "pods/log", "get")}
+    optional |= {
+        (group, "events", verb) for group in ("", "events.k8s.io") for verb in ("create", "patch")
+    }
+    assert granted - required <= optional
+
+
+def _restricted(spec: Manifest) -> list[str]:
+    """What in a pod spec violates the restricted Pod Security Standard (the fields it checks)."""
+    problems = []
+    pod_ctx = spec.get("securityContext", {})
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        ctx = {**pod_ctx, **container.get("securityContext", {})}
+        name = container["name"]
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation")
+        if ctx.get("runAsNonRoot") is not True or ctx.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsNonRoot")
+        if ctx.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{name}: capabilities")
+        if ctx.get("seccompProfile", {}).get("type") not in {"RuntimeDefault", "Localhost"}:
+            problems.append(f"{name}: seccomp")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem (our own rule)")
+    return problems
+
+
+@pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
+def test_every_chart_pod_is_hardened(values: tuple[Path, ...]) -> None:
+    specs = pod_specs(render(values))
+    assert specs
+    assert {name: _restricted(spec) for name, spec in specs.items()} == {n: [] for n in specs}
+    for name, spec in specs.items():
+        if name.startswith("Job/"):
+            assert spec["automountServiceAccountToken"] is False
+
+
+def test_notes_show_how_to_follow_one_media_file() -> None:
+    result = helm("install", "t", str(CHART), "--dry-run=client", "--namespace", "media",
+                  *values_args(set_values=MINIMAL_SET))  # fmt: skip
+    notes = result.stdout.partition("NOTES:")[2]
+    assert f"kubectl -n media logs -l {LABEL_MEDIA_ID}=<uuid>" in notes
+    assert "kubectl -n media logs job/<runner_name from the row>" in notes
+    assert "WARNING" not in notes
+
+
+def test_notes_warn_about_missing_connection_settings() -> None:
+    notes = helm("install", "t", str(CHART), "--dry-run=client").stdout.partition("NOTES:")[2]
+    assert "not configured yet: database.host, database.user, webdav.baseUrl" in notes
+
+
+def _schema_config_keys(component: str) -> set[str]:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return set(schema["properties"][component]["properties"]["config"]["properties"])
+
+
+def test_schema_types_every_runner_setting() -> None:
+    """Each runner variable is either rendered from structured values (database, webdav,
+    the Secret, the Job spec's SCRATCH_DIR) or typed under runner.config, so a wrong type is
+    caught by `helm install`, not by a failing runner pod."""
+    structured = {"WEBDAV_BASE_URL", "WEBDAV_USER", "WEBDAV_PASSWORD", "SCRATCH_DIR"}
+    fields = {
+        name
+        for name in RunnerSettings.model_fields
+        if not name.startswith("DB_") and name not in structured
+    }
+    assert sorted(fields - _schema_config_keys("runner")) == []
+
+
+def test_schema_types_every_free_controller_setting() -> None:
+    """The controller variables not derived from structured values are typed under
+    controller.config."""
+    env = controller_env(render(set_values=MINIMAL_SET))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["controller"]["config"]
+    free = set(defaults)
+    structured = set(env) - free
+    assert structured  # RUNNER_*, JOB_*, DB_*, ...: not overridable through controller.config
+    assert sorted(free - _schema_config_keys("controller")) == []
