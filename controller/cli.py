@@ -21,6 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the dharma schema (idempotent)")
+    run = sub.add_parser(
+        "run",
+        help="run the service: claim pending jobs, launch one runner per attempt, record outcomes",
+    )
+    run.add_argument(
+        "--executor", choices=("kubernetes", "local"), default=None,
+        help="where attempts run (default: EXECUTOR, which defaults to kubernetes)",
+    )  # fmt: skip
+    run.add_argument(
+        "--exit-when-idle", action="store_true",
+        help="exit 0 once the queue is drained: no pending row (retries waiting for their "
+        "backoff included) and nothing in flight (demo, scripts, tests)",
+    )  # fmt: skip
     return parser
 
 
@@ -44,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"schema up to date ({len(applied)} migration(s) applied)")
         return 0
+    if args.command == "run":
+        from controller.run import run_service
+
+        return run_service(args.executor, args.exit_when_idle)
     return 2
 
 

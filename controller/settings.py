@@ -7,10 +7,12 @@ variables into the controller's ConfigMap) and the README's configuration table.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import NoDecode
 
 from dharma_common.settings import DatabaseSettings
 
@@ -44,10 +46,12 @@ class ControllerSettings(DatabaseSettings):
     JOB_DEADLINE_SECONDS: int = Field(default=4 * 3600, ge=1)
     JOB_TTL_SECONDS: int = Field(default=7 * 24 * 3600, ge=0)
     LOG_LEVEL: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    #: Prometheus metrics, /healthz and /readyz.
+    #: Prometheus metrics, /healthz and /readyz (0: no HTTP endpoint).
     METRICS_PORT: int = Field(default=9090, ge=0, le=65535)
-    #: This replica's identity (the pod name in Kubernetes).
+    #: This replica's identity (the pod name in Kubernetes); empty means the host name.
     POD_NAME: str = Field(default="", max_length=253)
+    #: How often queue depth and oldest-pending age are sampled for /metrics.
+    QUEUE_METRICS_INTERVAL_SECONDS: float = Field(default=15.0, gt=0)
 
     # --- Kubernetes executor -------------------------------------------------------------
     NAMESPACE: str = Field(
@@ -74,21 +78,37 @@ class ControllerSettings(DatabaseSettings):
     #: ConfigMap with the runner's non-secret settings (DB_HOST, WEBDAV_BASE_URL, HLS_*, ...).
     RUNNER_CONFIGMAP_NAME: str = "dharma-stream-runner"
     RUNNER_PRIORITY_CLASS: str = ""
-    RUNNER_NODE_SELECTOR: dict[str, str] = Field(default_factory=dict)  # JSON
-    RUNNER_TOLERATIONS: list[dict[str, Any]] = Field(default_factory=list)  # JSON
-    RUNNER_AFFINITY: dict[str, Any] = Field(default_factory=dict)  # JSON
-    RUNNER_POD_LABELS: dict[str, str] = Field(default_factory=dict)  # JSON
-    RUNNER_POD_ANNOTATIONS: dict[str, str] = Field(default_factory=dict)  # JSON
+    # JSON values. NoDecode: the validator below parses them, so an empty value means the
+    # default and bad JSON is a ConfigError naming the variable (not a traceback).
+    RUNNER_NODE_SELECTOR: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    RUNNER_TOLERATIONS: Annotated[list[dict[str, Any]], NoDecode] = Field(default_factory=list)
+    RUNNER_AFFINITY: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
+    RUNNER_POD_LABELS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    RUNNER_POD_ANNOTATIONS: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # --- Leader election (coordination.k8s.io Lease) ---------------------------------------
     LEADER_ELECTION: bool = False
     LEASE_NAME: str = "dharma-stream-controller"
     LEASE_DURATION_SECONDS: float = Field(default=15.0, gt=1)
+    #: Job creations in flight at once (a claimed batch is launched in parallel).
+    LAUNCH_CONCURRENCY: int = Field(default=8, ge=1, le=64)
+    #: Timeout of one Kubernetes API request (the watch's read timeout is derived from it).
+    KUBE_API_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
+    #: Server-side length of one watch request; the watch then resumes from its last
+    #: resourceVersion (and relists if that is too old: 410 Gone).
+    KUBE_WATCH_TIMEOUT_SECONDS: int = Field(default=300, ge=1, le=3600)
 
     # --- Local executor ------------------------------------------------------------------
     #: Per-attempt scratch directories live below this (removed after each attempt).
     LOCAL_SCRATCH_DIR: Path = Path("/tmp/dharma-stream")  # noqa: S108
     #: Memory limit of one local runner process (bytes; 0 = none), enforced by the executor.
     LOCAL_MEMORY_LIMIT_BYTES: int = Field(default=0, ge=0)
+    #: SIGTERM -> SIGKILL grace for a local runner's process group (deadline, cancellation,
+    #: shutdown); the runner uses it to clean up its scratch directory.
+    LOCAL_TERMINATION_GRACE_SECONDS: float = Field(default=10.0, ge=0)
+
+    def identity(self) -> str:
+        """This replica's name in `claimed_by`, the Lease and logs."""
+        return self.POD_NAME or socket.gethostname()
 
     @field_validator("RUNNER_IMAGE")
     @classmethod
@@ -102,7 +122,12 @@ class ControllerSettings(DatabaseSettings):
         "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", mode="before",
     )  # fmt: skip
     @classmethod
-    def _json(cls, value: Any) -> Any:
+    def _json(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
-            return json.loads(value) if value.strip() else None
+            if not value.strip():
+                return [] if info.field_name == "RUNNER_TOLERATIONS" else {}
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"must be JSON ({exc})") from None
         return value

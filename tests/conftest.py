@@ -16,6 +16,8 @@ import pytest
 from tests.media import WEIGHTLESS_MODEL, make_media
 from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
 
+pytest_plugins = ["tests.controller_fixtures", "tests.testbed"]
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:

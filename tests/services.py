@@ -122,7 +122,7 @@ class PostgresServer:
         self._proc.wait(timeout=60)
         self._proc = None
         if sig == signal.SIGKILL:  # a crashed postmaster leaves children; reap them
-            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], check=False)
+            subprocess.run(["pkill", "-9", "-f", "--", f"-D {self.data}"], check=False)
             time.sleep(0.5)
             with contextlib.suppress(FileNotFoundError):
                 (self.data / "postmaster.pid").unlink()

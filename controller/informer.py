@@ -1,0 +1,254 @@
+"""A list+watch cache of one resource (the controller's Jobs, or their pods).
+
+The classic informer loop, kept small: list (paginated) to get a complete picture and a
+resourceVersion, then watch from that resourceVersion. When a watch request ends normally
+(KUBE_WATCH_TIMEOUT_SECONDS), resume from the last resourceVersion seen (bookmarks keep it
+fresh). When the API server says 410 Gone (the version was compacted away, e.g. after a long
+disconnection) or the connection drops (API server restart), relist: events missed while
+away are never lost, because the list is the truth and the service loop reconciles rows
+against it. Objects are cached as trimmed dicts (no model deserialisation: thousands of
+objects stay cheap).
+
+Deleted pods are kept as tombstones for a while, so "the pod was deleted externally" can
+still be reported after the object has vanished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from controller.kubestate import DELETED_MARK
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+#: How long a deleted pod is remembered.
+TOMBSTONE_SECONDS = 600.0
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (HTTP 410): relist."""
+
+
+class Informer:
+    def __init__(
+        self,
+        resource: str,
+        list_fn: Callable[..., Any],
+        namespace: str,
+        selector: str,
+        trim: Callable[[Obj], Obj],
+        on_change: Callable[[], None],
+        on_relist: Callable[[], None],
+        api_timeout: float,
+        watch_timeout: int,
+        tombstones: bool = False,
+        index: Callable[[Obj], str | None] | None = None,
+    ) -> None:
+        self.resource = resource
+        self._list = list_fn
+        self._namespace = namespace
+        self._selector = selector
+        self._trim = trim
+        self._on_change = on_change
+        self._on_relist = on_relist
+        self._api_timeout = api_timeout
+        self._watch_timeout = watch_timeout
+        self._tombstones = tombstones
+        self._items: dict[str, Obj] = {}
+        #: Optional secondary index (pods by their Job's name): key -> object names.
+        self._index_fn = index
+        self._index: dict[str, set[str]] = {}
+        self._deleted_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._response: Any = None
+        self.synced = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{resource}", daemon=True)
+
+    # ------------------------------------------------------------------ reading ---
+
+    def get(self, name: str) -> Obj | None:
+        with self._lock:
+            return self._items.get(name)
+
+    def by_index(self, key: str) -> list[Obj]:
+        with self._lock:
+            names = self._index.get(key, ())
+            return [self._items[n] for n in names if n in self._items]
+
+    def items(self) -> list[Obj]:
+        with self._lock:
+            return list(self._items.values())
+
+    def put(self, obj: Obj) -> None:
+        """Insert what a create returned, so the cache does not lag behind our own writes."""
+        self._store(self._trim(obj))
+
+    # ------------------------------------------------------------------ lifecycle ---
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):  # best effort to unblock a blocked read
+                response.shutdown()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                version = self._relist()
+                backoff = 0.2
+                while not self._stop.is_set():
+                    version = self._watch(version)
+            except Gone:
+                log.info("watch expired (410 Gone); relisting", extra={"resource": self.resource})
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    return
+                log.warning(
+                    "watch connection lost; relisting",
+                    extra={"resource": self.resource, "error": str(exc).splitlines()[0][:300],
+                           "retry_in_seconds": backoff},
+                )  # fmt: skip
+                self._stop.wait(backoff)
+                backoff = min(10.0, backoff * 2)
+
+    # ------------------------------------------------------------------ list & watch ---
+
+    def _relist(self) -> str:
+        fresh: dict[str, Obj] = {}
+        token: str | None = None
+        version = ""
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": self._selector, "limit": 500}
+            if token:
+                kwargs["_continue"] = token
+            response = self._list(
+                self._namespace, _preload_content=False,
+                _request_timeout=self._api_timeout, **kwargs,
+            )  # fmt: skip
+            body = json.loads(response.data)
+            for obj in body.get("items") or []:
+                trimmed = self._trim(obj)
+                fresh[trimmed["metadata"]["name"]] = trimmed
+            meta = body.get("metadata") or {}
+            version = meta.get("resourceVersion") or version
+            token = meta.get("continue")
+            if not token:
+                break
+        now = time.monotonic()
+        with self._lock:
+            if self._tombstones:
+                for name, obj in self._items.items():
+                    if name not in fresh and not obj.get(DELETED_MARK):
+                        self._deleted_at[name] = now
+                        fresh[name] = {**obj, DELETED_MARK: True}
+                    elif (
+                        name not in fresh
+                        and now - self._deleted_at.get(name, now) < TOMBSTONE_SECONDS
+                    ):
+                        fresh[name] = obj
+            self._items = fresh
+            self._index = {}
+            for name, obj in fresh.items():
+                self._add_to_index(name, obj)
+        self._on_relist()
+        self.synced.set()
+        self._on_change()
+        return version
+
+    def _watch(self, version: str) -> str:
+        response = self._list(
+            self._namespace,
+            label_selector=self._selector,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self._watch_timeout,
+            _preload_content=False,
+            _request_timeout=(self._api_timeout, self._watch_timeout + self._api_timeout),
+        )
+        self._response = response
+        try:
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                if self._stop.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone()
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if kind == "BOOKMARK":
+                    continue
+                trimmed = self._trim(obj)
+                if kind == "DELETED":
+                    self._remove(trimmed)
+                else:
+                    self._store(trimmed)
+                self._on_change()
+        finally:
+            self._response = None
+            response.release_conn()
+        self._expire_tombstones()
+        log.debug("watch ended; resuming", extra={"resource": self.resource, "version": version})
+        return version
+
+    def _add_to_index(self, name: str, obj: Obj) -> None:
+        key = self._index_fn(obj) if self._index_fn else None
+        if key is not None:
+            self._index.setdefault(key, set()).add(name)
+
+    def _drop_from_index(self, name: str) -> None:
+        old = self._items.get(name)
+        key = self._index_fn(old) if old is not None and self._index_fn else None
+        if key is not None and key in self._index:
+            self._index[key].discard(name)
+            if not self._index[key]:
+                del self._index[key]
+
+    def _store(self, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            self._drop_from_index(name)
+            self._items[name] = obj
+            self._add_to_index(name, obj)
+            self._deleted_at.pop(name, None)
+
+    def _remove(self, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            self._drop_from_index(name)
+            if self._tombstones:
+                self._items[name] = {**obj, DELETED_MARK: True}
+                self._add_to_index(name, self._items[name])
+                self._deleted_at[name] = time.monotonic()
+            else:
+                self._items.pop(name, None)
+
+    def _expire_tombstones(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for name, when in list(self._deleted_at.items()):
+                if now - when > TOMBSTONE_SECONDS:
+                    self._deleted_at.pop(name, None)
+                    self._drop_from_index(name)
+                    self._items.pop(name, None)

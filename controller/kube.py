@@ -1,0 +1,233 @@
+"""The Kubernetes executor: one batch/v1 Job per attempt, observed through list+watch caches.
+
+Launching is `create` of the deterministic Job (controller/jobspec.py); AlreadyExists means
+the attempt was launched before (by this process before a crash, or by the previous leader),
+so launching is exactly-once without any bookkeeping. Creates of one claimed batch run in
+parallel (LAUNCH_CONCURRENCY). Observation reads only the caches; the API is asked directly
+only to confirm that a recorded Job has really vanished (a cache may lag behind).
+
+Client configuration: in-cluster service account, else KUBECONFIG (or ~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from controller.executor import Launched
+from controller.informer import Informer
+from controller.jobspec import MANAGED_SELECTOR, LaunchSpec, build_job, job_name
+from controller.kubestate import is_finished, observe_job, trim_job, trim_pod
+from controller.metrics import Metrics
+from controller.model import NOT_FOUND, Observation, Phase, RunnerKey
+from controller.settings import ControllerSettings
+from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.settings import ConfigError
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+_ACTIVE = (Phase.PENDING, Phase.RUNNING)
+
+
+def _job_of(pod: Obj) -> str | None:
+    """The Job a pod belongs to (label set by the Job controller)."""
+    labels = pod["metadata"].get("labels") or {}
+    name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    return str(name) if name else None
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster configuration when running in a pod, else the KUBECONFIG file."""
+    try:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return client.ApiClient(configuration)
+    except ConfigException:
+        pass
+    try:
+        api: client.ApiClient = config.new_client_from_config()  # type: ignore[no-untyped-call]
+        return api
+    except (ConfigException, OSError, TypeError) as exc:
+        raise ConfigError(
+            "KUBECONFIG: no in-cluster service account and no usable kubeconfig "
+            f"(set KUBECONFIG, or use --executor local): {exc}"
+        ) from None
+
+
+def _status_reason(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+        return f"{exc.status} {body.get('reason', '')}: {body.get('message', '')}".strip()
+    except (ValueError, AttributeError):
+        return f"{exc.status} {exc.reason}"
+
+
+class KubernetesExecutor:
+    kind = "kubernetes"
+    owner: str | None = None
+
+    def __init__(
+        self, settings: ControllerSettings, api: client.ApiClient, metrics: Metrics | None = None
+    ) -> None:
+        self._settings = settings
+        # Any: bodies and responses are raw JSON (_preload_content=False), not models.
+        self._batch: Any = client.BatchV1Api(api)
+        self._core: Any = client.CoreV1Api(api)
+        self._metrics = metrics
+        self._pool = ThreadPoolExecutor(settings.LAUNCH_CONCURRENCY, thread_name_prefix="create")
+        self._wake: Callable[[], None] = lambda: None
+        common = {
+            "namespace": settings.NAMESPACE,
+            "selector": MANAGED_SELECTOR,
+            "on_change": self._changed,
+            "api_timeout": settings.KUBE_API_TIMEOUT_SECONDS,
+            "watch_timeout": settings.KUBE_WATCH_TIMEOUT_SECONDS,
+        }
+        self.jobs = Informer(
+            "jobs", self._batch.list_namespaced_job, trim=trim_job,
+            on_relist=lambda: self._relisted("jobs"), **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.pods = Informer(
+            "pods", self._core.list_namespaced_pod, trim=trim_pod, tombstones=True, index=_job_of,
+            on_relist=lambda: self._relisted("pods"), **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def use_metrics(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _relisted(self, resource: str) -> None:
+        if self._metrics is not None:
+            self._metrics.relists.labels(resource=resource).inc()
+
+    def _changed(self) -> None:
+        self._wake()
+
+    # ------------------------------------------------------------------ lifecycle ---
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.jobs.start()
+        self.pods.start()
+
+    def synced(self) -> bool:
+        return self.jobs.synced.is_set() and self.pods.synced.is_set()
+
+    def shutdown(self) -> None:
+        """Stop watching. Running Jobs are left alone: the next leader adopts them."""
+        self.jobs.stop()
+        self.pods.stop()
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ launching ---
+
+    def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
+        return list(self._pool.map(self._create, specs))
+
+    def _create(self, spec: LaunchSpec) -> Launched:
+        key = RunnerKey(spec.job_id, spec.attempt)
+        name = job_name(self._settings, spec.job_id, spec.attempt)
+        try:
+            body = build_job(self._settings, spec)
+            response = self._batch.create_namespaced_job(
+                self._settings.NAMESPACE, body, _preload_content=False,
+                _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+            )  # fmt: skip
+            self.jobs.put(json.loads(response.data))
+            return Launched(key, name)
+        except ApiException as exc:
+            if exc.status == 409:  # AlreadyExists: this attempt was launched before
+                return Launched(key, name)
+            invalid = exc.status in (400, 422)
+            return Launched(key, None, error=f"creating Job {name}: {_status_reason(exc)}",
+                            invalid=invalid)  # fmt: skip
+        except Exception as exc:  # connection errors: retried on the next pass
+            return Launched(key, None, error=f"creating Job {name}: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ observing ---
+
+    def _pods_of(self, name: str) -> list[Obj]:
+        return self.pods.by_index(name)
+
+    def observe(self, key: RunnerKey) -> Observation:
+        name = job_name(self._settings, key.job_id, key.attempt)
+        job = self.jobs.get(name)
+        if job is None:
+            return NOT_FOUND
+        return observe_job(job, self._pods_of(name))
+
+    def verify_gone(self, key: RunnerKey, runner_name: str) -> Observation:
+        try:
+            response = self._batch.read_namespaced_job(
+                runner_name, self._settings.NAMESPACE, _preload_content=False,
+                _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return Observation(Phase.DELETED, runner_name=runner_name, deleted_kind="Job")
+            log.warning("cannot confirm a Job", extra={"error": _status_reason(exc)})
+            return NOT_FOUND
+        except Exception as exc:
+            log.warning("cannot confirm a Job", extra={"error": str(exc)[:300]})
+            return NOT_FOUND
+        job = json.loads(response.data)
+        self.jobs.put(job)
+        return observe_job(trim_job(job), self._pods_of(runner_name))
+
+    def _key(self, job: Obj) -> RunnerKey | None:
+        meta = job["metadata"]
+        labels = meta.get("labels") or {}
+        if not str(meta.get("name", "")).startswith(self._settings.JOB_NAME_PREFIX + "-"):
+            return None
+        try:
+            return RunnerKey(int(labels[LABEL_JOB_ID]), int(labels[LABEL_ATTEMPT]))
+        except (KeyError, ValueError):
+            return None
+
+    def alive(self) -> list[RunnerKey]:
+        """Jobs whose runner has not ended. A pod that ended counts as ended even before the
+        Job controller marks the Job (its outcome may already be recorded: deleting the Job
+        then would only lose its logs)."""
+        keys = []
+        for job in self.jobs.items():
+            if job["metadata"].get("deletionTimestamp") or is_finished(job):
+                continue
+            name = job["metadata"]["name"]
+            if observe_job(job, self._pods_of(name)).phase not in _ACTIVE:
+                continue
+            key = self._key(job)
+            if key is not None:
+                keys.append(key)
+        return keys
+
+    def finished_unclaimed(self) -> list[RunnerKey]:
+        return []
+
+    def in_flight(self) -> int:
+        return len(self.alive())
+
+    def delete(self, key: RunnerKey) -> None:
+        name = job_name(self._settings, key.job_id, key.attempt)
+        try:
+            self._batch.delete_namespaced_job(
+                name, self._settings.NAMESPACE, propagation_policy="Background",
+                _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+            )  # fmt: skip
+            log.info("deleted Job", extra={"runner_name": name})
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("cannot delete Job", extra={"runner_name": name,
+                                                        "error": _status_reason(exc)})  # fmt: skip
+        except Exception as exc:
+            log.warning("cannot delete Job", extra={"runner_name": name, "error": str(exc)[:300]})
+
+    def forget(self, key: RunnerKey) -> None:
+        """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`."""

@@ -1,0 +1,202 @@
+"""Turn a Job and its pods (raw API dicts from the watch cache) into an `Observation`.
+
+Pure, so every shape Kubernetes produces — a Job that is Complete, Failed by its deadline or
+by the podFailurePolicy, a pod OOMKilled, stuck in ErrImagePull, unschedulable, deleted
+under a running Job, a disrupted pod replaced — is unit-tested from dicts
+(tests/unit/test_controller_kubestate.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from controller.jobspec import CONTAINER_NAME
+from controller.model import (
+    NOT_FOUND,
+    REASON_DEADLINE,
+    REASON_OOM,
+    REASON_UNSCHEDULABLE,
+    Observation,
+    Phase,
+)
+
+#: Set by the pod cache on a pod that was deleted (a tombstone), so "deleted externally"
+#: can still be told after the object is gone.
+DELETED_MARK = "_dharma_deleted"
+Obj = dict[str, Any]
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _true_conditions(obj: Obj) -> dict[str, Obj]:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return {c["type"]: c for c in conditions if c.get("status") == "True"}
+
+
+def _container(spec: Obj) -> Obj:
+    containers = spec.get("containers") or [{}]
+    for container in containers:
+        if container.get("name") == CONTAINER_NAME:
+            return dict(container)
+    return dict(containers[0])
+
+
+def _container_status(pod: Obj) -> Obj:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") == CONTAINER_NAME:
+            return dict(status)
+    return dict(statuses[0]) if statuses else {}
+
+
+def _was_deleted(pod: Obj) -> bool:
+    return bool(pod.get(DELETED_MARK) or pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+def _disrupted(pod: Obj) -> bool:
+    return "DisruptionTarget" in _true_conditions(pod)
+
+
+def current_pod(pods: list[Obj]) -> Obj | None:
+    """The pod that speaks for the attempt: the newest one not replaced after a disruption."""
+    if not pods:
+        return None
+    ordered = sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+    undisrupted = [p for p in ordered if not _disrupted(p)]
+    return (undisrupted or ordered)[-1]
+
+
+def _finished(
+    base: Observation, pod: Obj | None, job_reason: str | None, job_message: str | None
+) -> Observation:
+    """A failed attempt, from the pod's terminated state when there is one."""
+    terminated = (_container_status(pod).get("state") or {}).get("terminated") if pod else None
+    deleted = pod is not None and _was_deleted(pod)
+    if terminated:
+        code = terminated.get("exitCode")
+        reason = terminated.get("reason")
+        message = (terminated.get("message") or "").strip() or None
+        finished = parse_time(terminated.get("finishedAt"))
+        if deleted and code != 0 and reason != REASON_OOM:
+            return Observation(
+                Phase.DELETED, runner_name=base.runner_name, deleted_kind="pod of Job",
+                message=message, exit_code=code, finished_at=finished,
+            )  # fmt: skip
+        return Observation(
+            Phase.FAILED, runner_name=base.runner_name, exit_code=code, reason=reason,
+            message=message, memory_limit=base.memory_limit,
+            deadline_seconds=base.deadline_seconds, image=base.image, finished_at=finished,
+        )  # fmt: skip
+    if deleted:
+        return Observation(Phase.DELETED, runner_name=base.runner_name, deleted_kind="pod of Job")
+    return Observation(
+        Phase.FAILED, runner_name=base.runner_name, reason=job_reason, message=job_message,
+        memory_limit=base.memory_limit, deadline_seconds=base.deadline_seconds,
+    )  # fmt: skip
+
+
+def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
+    """The state of one attempt from its Job and the pods the Job made."""
+    if job is None:
+        return NOT_FOUND
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    container = _container((spec.get("template") or {}).get("spec") or {})
+    base = Observation(
+        Phase.PENDING,
+        runner_name=meta.get("name"),
+        image=container.get("image"),
+        memory_limit=((container.get("resources") or {}).get("limits") or {}).get("memory"),
+        deadline_seconds=spec.get("activeDeadlineSeconds"),
+        since=parse_time(meta.get("creationTimestamp")),
+    )
+    if meta.get("deletionTimestamp"):
+        return Observation(Phase.DELETED, runner_name=base.runner_name, deleted_kind="Job")
+    conditions = _true_conditions(job)
+    pod = current_pod(pods)
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
+        return Observation(Phase.SUCCEEDED, runner_name=base.runner_name, exit_code=0)
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is not None:
+        if failed.get("reason") == REASON_DEADLINE:
+            return Observation(
+                Phase.FAILED, runner_name=base.runner_name, reason=REASON_DEADLINE,
+                deadline_seconds=base.deadline_seconds, message=failed.get("message"),
+            )  # fmt: skip
+        return _finished(base, pod, failed.get("reason"), failed.get("message"))
+    if pod is None:
+        return Observation(
+            Phase.PENDING, runner_name=base.runner_name, since=base.since, image=base.image,
+            waiting_reason="NoPodYet", message="the Job has not created a pod yet",
+        )  # fmt: skip
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    if phase == "Succeeded":
+        return Observation(Phase.SUCCEEDED, runner_name=base.runner_name, exit_code=0)
+    if _was_deleted(pod) and not _disrupted(pod):
+        # Deleted while the Job still runs: by the Job controller itself (deadline) or by
+        # someone else. The Job's verdict (DeadlineExceeded, PodFailurePolicy) tells which;
+        # its update may arrive after the pod's on the other watch, so wait for it.
+        return Observation(Phase.RUNNING, runner_name=base.runner_name, since=base.since)
+    if phase == "Failed" and not _disrupted(pod):
+        return _finished(base, pod, None, None)
+    if phase == "Running":
+        return Observation(
+            Phase.RUNNING, runner_name=base.runner_name,
+            since=parse_time(status.get("startTime")),
+        )  # fmt: skip
+    # Pending (or a disrupted pod awaiting its replacement): why is it not running?
+    since = parse_time((pod.get("metadata") or {}).get("creationTimestamp")) or base.since
+    waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
+    reason, message = waiting.get("reason"), waiting.get("message")
+    if not reason:
+        scheduled = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
+        )
+        if scheduled and scheduled.get("status") == "False":
+            reason = scheduled.get("reason") or REASON_UNSCHEDULABLE
+            message = scheduled.get("message")
+    return Observation(
+        Phase.PENDING, runner_name=base.runner_name, since=since, image=base.image,
+        waiting_reason=reason, message=message,
+    )  # fmt: skip
+
+
+def is_finished(job: Obj) -> bool:
+    """Complete or failed (including FailureTarget: its pods are being terminated)."""
+    conditions = _true_conditions(job)
+    return bool({"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"} & set(conditions))
+
+
+def trim_job(job: Obj) -> Obj:
+    """Keep what observe_job reads: the cache holds thousands of Jobs."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    pod_spec = (spec.get("template") or {}).get("spec") or {}
+    return {
+        "metadata": {k: meta.get(k) for k in (
+            "name", "labels", "creationTimestamp", "deletionTimestamp", "resourceVersion")},
+        "spec": {
+            "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
+            "template": {"spec": {"containers": [
+                {k: c.get(k) for k in ("name", "image", "resources")}
+                for c in pod_spec.get("containers") or []]}},
+        },
+        "status": {k: (job.get("status") or {}).get(k) for k in ("conditions", "startTime")},
+    }  # fmt: skip
+
+
+def trim_pod(pod: Obj) -> Obj:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {k: meta.get(k) for k in (
+            "name", "labels", "creationTimestamp", "deletionTimestamp", "resourceVersion")},
+        "status": {k: status.get(k) for k in (
+            "phase", "conditions", "containerStatuses", "startTime")},
+    }  # fmt: skip

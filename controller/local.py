@@ -1,0 +1,379 @@
+"""The local executor: one `python -m jobrunner run` subprocess per attempt.
+
+For a laptop, a plain Docker host or VPS, the demo, and the integration tests. Same
+semantics as a Kubernetes Job, enforced here:
+
+- each runner runs in a new session (its own process group), so it and its FFmpeg children
+  can be stopped together and survive nothing they should not;
+- a private attempt directory under LOCAL_SCRATCH_DIR/<identity>/ holds the runner's scratch
+  space (SCRATCH_DIR), its termination-message file (TERMINATION_MESSAGE_PATH) and a pid file;
+  it is removed once the outcome is recorded;
+- deadline (JOB_DEADLINE_SECONDS): SIGTERM to the group, SIGKILL after
+  LOCAL_TERMINATION_GRACE_SECONDS, reported as "timed out after N s";
+- memory (LOCAL_MEMORY_LIMIT_BYTES, or the row's raised `memory_limit` after an OOM): the
+  resident memory of the whole session is sampled every 0.25 s and the group is SIGKILLed
+  when it exceeds the limit, reported as "OOM-killed (memory limit X)". Sampling can miss a
+  spike shorter than the interval; the kernel's own OOM killer stays the backstop.
+
+The runner inherits the controller's environment (DB_*, WEBDAV_*, WHISPER_*, ...).
+
+After a controller crash its runners are orphans it cannot wait for (no exit status). On
+start it finds them through the pid files (pid + start time, so a reused pid is never
+signalled), stops them, and reports each attempt as "controller restarted" — a temporary
+failure, retried — unless the runner had already committed its results (`result_attempt`),
+which reconcile records as a success. Rows claimed by a controller that never came back are
+rescued by the service loop after the deadline has certainly passed (see service.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from controller import procfs
+from controller.executor import Launched
+from controller.jobspec import LaunchSpec, job_name
+from controller.model import (
+    REASON_CONTROLLER_RESTARTED,
+    REASON_DEADLINE,
+    REASON_OOM,
+    Observation,
+    Phase,
+    RunnerKey,
+)
+from controller.quantity import format_bytes, parse_bytes
+from controller.settings import ControllerSettings
+from dharma_common.logs import log_context
+
+log = logging.getLogger(__name__)
+
+#: How often processes are checked for exit, deadline and memory.
+MONITOR_INTERVAL_SECONDS = 0.25
+_ATTEMPT_DIR = re.compile(r"^(\d+)-(\d+)$")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class _Runner:
+    key: RunnerKey
+    name: str
+    pid: int
+    directory: Path
+    popen: subprocess.Popen[bytes] | None
+    started: float
+    started_at: dt.datetime
+    memory_limit: int
+    #: Why we signalled it: "oom", "deadline", "delete", "shutdown", "orphan".
+    killed_for: str | None = None
+    term_sent: float | None = None
+    kill_sent: bool = False
+    outcome: Observation | None = None
+
+    @property
+    def termination_file(self) -> Path:
+        return self.directory / "termination-log"
+
+    @property
+    def scratch(self) -> Path:
+        return self.directory / "scratch"
+
+
+class LocalExecutor:
+    """Subprocess runners, watched by one monitor thread."""
+
+    kind = "local"
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self._settings = settings
+        self.owner: str | None = settings.identity()
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", settings.identity())
+        self._root = settings.LOCAL_SCRATCH_DIR / safe
+        self._runners: dict[RunnerKey, _Runner] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._monitor, name="local-runners", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle ---
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._adopt_orphans()
+        self._thread.start()
+
+    def synced(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        """Stop every runner (SIGTERM, then SIGKILL after the grace) and the monitor. Their
+        outcomes stay available for one last recording pass."""
+        self._stop.set()  # this thread takes over the monitoring from here
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with self._lock:
+            running = [r for r in self._runners.values() if r.outcome is None]
+        for runner in running:
+            self._signal(runner, "shutdown")
+        deadline = time.monotonic() + self._settings.LOCAL_TERMINATION_GRACE_SECONDS + 5
+        while time.monotonic() < deadline:
+            self._tick()
+            with self._lock:
+                if all(r.outcome is not None for r in self._runners.values()):
+                    break
+            time.sleep(MONITOR_INTERVAL_SECONDS)
+
+    # ------------------------------------------------------------------ launching ---
+
+    def _memory_limit(self, spec: LaunchSpec) -> int:
+        if spec.memory_limit:
+            return parse_bytes(spec.memory_limit)
+        return self._settings.LOCAL_MEMORY_LIMIT_BYTES
+
+    def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
+        return [self._launch_one(spec) for spec in specs]
+
+    def _launch_one(self, spec: LaunchSpec) -> Launched:
+        key = RunnerKey(spec.job_id, spec.attempt)
+        name = job_name(self._settings, spec.job_id, spec.attempt)
+        with self._lock:
+            if key in self._runners:
+                return Launched(key, name)
+        directory = self._root / f"{spec.job_id}-{spec.attempt}"
+        shutil.rmtree(directory, ignore_errors=True)
+        (directory / "scratch").mkdir(parents=True, mode=0o700)
+        env = dict(os.environ)
+        env["SCRATCH_DIR"] = str(directory / "scratch")
+        env["TERMINATION_MESSAGE_PATH"] = str(directory / "termination-log")
+        command = [sys.executable, "-m", "jobrunner", "run",
+                   "--job-id", str(spec.job_id), "--attempt", str(spec.attempt)]  # fmt: skip
+        try:
+            popen = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            return Launched(key, None, error=f"cannot start {command[0]}: {exc}")
+        stat = procfs.read_stat(popen.pid)
+        (directory / "pid").write_text(f"{popen.pid} {stat.start_time if stat else 0}\n")
+        runner = _Runner(
+            key, name, popen.pid, directory, popen, time.monotonic(), _utcnow(),
+            self._memory_limit(spec),
+        )  # fmt: skip
+        with self._lock:
+            self._runners[key] = runner
+        with log_context(job_id=spec.job_id, media_id=spec.media_id, attempt=spec.attempt):
+            log.info(
+                "runner process started",
+                extra={"runner_name": name, "pid": popen.pid,
+                       "memory_limit_bytes": runner.memory_limit or None},
+            )  # fmt: skip
+        return Launched(key, name)
+
+    # ------------------------------------------------------------------ observing ---
+
+    def observe(self, key: RunnerKey) -> Observation:
+        with self._lock:
+            runner = self._runners.get(key)
+        if runner is None:
+            return Observation(Phase.NONE)
+        if runner.outcome is not None:
+            return runner.outcome
+        return Observation(Phase.RUNNING, runner_name=runner.name, since=runner.started_at)
+
+    def verify_gone(self, key: RunnerKey, runner_name: str) -> Observation:
+        seen = self.observe(key)
+        if seen.phase is not Phase.NONE:
+            return seen
+        return Observation(
+            Phase.FAILED,
+            runner_name=runner_name,
+            reason=REASON_CONTROLLER_RESTARTED,
+            message=f"the controller restarted and found no trace of runner {runner_name} "
+            f"(no pid file under {self._root}); the attempt's outcome is unknown",
+        )
+
+    def alive(self) -> list[RunnerKey]:
+        with self._lock:
+            return [k for k, r in self._runners.items() if r.outcome is None]
+
+    def finished_unclaimed(self) -> list[RunnerKey]:
+        with self._lock:
+            return [k for k, r in self._runners.items() if r.outcome is not None]
+
+    def in_flight(self) -> int:
+        return len(self.alive())
+
+    def delete(self, key: RunnerKey) -> None:
+        with self._lock:
+            runner = self._runners.get(key)
+        if runner is not None and runner.outcome is None:
+            self._signal(runner, "delete")
+
+    def forget(self, key: RunnerKey) -> None:
+        with self._lock:
+            runner = self._runners.pop(key, None)
+        if runner is not None:
+            shutil.rmtree(runner.directory, ignore_errors=True)
+
+    # ------------------------------------------------------------------ monitoring ---
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_SECONDS):
+            try:
+                self._tick()
+            except Exception:  # keep watching whatever one runner did
+                log.exception("local runner monitor failed")
+
+    def _tick(self) -> None:
+        with self._lock:
+            running = [r for r in self._runners.values() if r.outcome is None]
+        if not running:
+            return
+        changed = False
+        now = time.monotonic()
+        limited = {r.pid for r in running if r.memory_limit}
+        rss = procfs.session_rss(limited)
+        for runner in running:
+            if self._reap(runner):
+                changed = True
+                continue
+            deadline = self._settings.JOB_DEADLINE_SECONDS
+            if runner.killed_for is None and now - runner.started > deadline:
+                self._signal(runner, "deadline")
+            used = rss.get(runner.pid, 0)
+            if runner.memory_limit and used > runner.memory_limit and not runner.kill_sent:
+                with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
+                    log.warning(
+                        "runner over its memory limit; killing it",
+                        extra={"rss_bytes": used, "memory_limit_bytes": runner.memory_limit},
+                    )
+                runner.killed_for = "oom"
+                self._kill(runner, signal.SIGKILL)
+            grace = self._settings.LOCAL_TERMINATION_GRACE_SECONDS
+            overdue = runner.term_sent is not None and now - runner.term_sent > grace
+            if overdue and not runner.kill_sent:
+                self._kill(runner, signal.SIGKILL)
+        if changed:
+            self._wake()
+
+    def _signal(self, runner: _Runner, why: str) -> None:
+        """SIGTERM the runner itself, as Kubernetes does to a container's main process (it
+        stops its children and cleans up); the monitor SIGKILLs the whole group after the
+        grace period."""
+        if runner.killed_for is None:
+            runner.killed_for = why
+        if runner.term_sent is None:
+            runner.term_sent = time.monotonic()
+            with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
+                log.info("stopping runner process", extra={"pid": runner.pid, "why": why})
+            self._kill(runner, signal.SIGTERM)
+
+    def _kill(self, runner: _Runner, sig: signal.Signals) -> None:
+        if sig == signal.SIGKILL:
+            runner.kill_sent = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if sig == signal.SIGKILL:
+                os.killpg(runner.pid, sig)
+            else:
+                os.kill(runner.pid, sig)
+
+    def _reap(self, runner: _Runner) -> bool:
+        """If the runner has exited, turn its exit into an Observation."""
+        if runner.popen is not None:
+            code = runner.popen.poll()
+            if code is None:
+                return False
+        else:  # an orphan from a previous controller: no exit status to collect
+            code = None
+            start = int(runner.directory.joinpath("pid").read_text().split()[1] or 0)
+            if procfs.is_same_process(runner.pid, start):
+                return False
+        # Stragglers of the group (an FFmpeg child) go with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(runner.pid, signal.SIGKILL)
+        runner.outcome = self._outcome(runner, code)
+        shutil.rmtree(runner.scratch, ignore_errors=True)
+        with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
+            log.info(
+                "runner process exited",
+                extra={"pid": runner.pid, "exit_code": code, "phase": runner.outcome.phase.value,
+                       "reason": runner.outcome.reason},
+            )  # fmt: skip
+        return True
+
+    def _outcome(self, runner: _Runner, code: int | None) -> Observation:
+        message = None
+        with contextlib.suppress(OSError):
+            message = runner.termination_file.read_text(encoding="utf-8").strip() or None
+        failed = Observation(
+            Phase.FAILED, runner_name=runner.name, since=runner.started_at,
+            finished_at=_utcnow(), message=message, exit_code=code,
+        )  # fmt: skip
+        if runner.killed_for == "oom":
+            return replace(
+                failed, exit_code=137, reason=REASON_OOM,
+                memory_limit=format_bytes(runner.memory_limit),
+            )  # fmt: skip
+        if runner.killed_for == "deadline":
+            return replace(
+                failed, reason=REASON_DEADLINE,
+                deadline_seconds=self._settings.JOB_DEADLINE_SECONDS,
+            )  # fmt: skip
+        if runner.killed_for == "orphan" or code is None:
+            said = f" (runner said: {message})" if message else ""
+            return replace(
+                failed,
+                reason=REASON_CONTROLLER_RESTARTED,
+                message=f"the controller restarted while runner {runner.name} "
+                f"(pid {runner.pid}) was running; it was stopped{said}",
+            )
+        if code == 0:
+            return replace(failed, phase=Phase.SUCCEEDED)
+        if code < 0:
+            return replace(
+                failed, exit_code=128 - code, reason=f"killed by {signal.Signals(-code).name}"
+            )
+        return replace(failed, reason="Error")
+
+    # ------------------------------------------------------------------ crash recovery ---
+
+    def _adopt_orphans(self) -> None:
+        """Find attempt directories a previous run of this controller left behind."""
+        for directory in sorted(self._root.iterdir()):
+            match = _ATTEMPT_DIR.match(directory.name)
+            if not match or not directory.is_dir():
+                continue
+            key = RunnerKey(int(match[1]), int(match[2]))
+            try:
+                pid_text, start_text = (directory / "pid").read_text().split()
+                pid, start = int(pid_text), int(start_text)
+            except (OSError, ValueError):
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            runner = _Runner(
+                key, job_name(self._settings, key.job_id, key.attempt), pid, directory, None,
+                time.monotonic(), _utcnow(), 0, killed_for="orphan",
+            )  # fmt: skip
+            with log_context(job_id=key.job_id, attempt=key.attempt):
+                if procfs.is_same_process(pid, start):
+                    log.warning("stopping a previous controller's runner", extra={"pid": pid})
+                    self._signal(runner, "orphan")
+                else:
+                    log.warning("a previous controller's runner ended", extra={"pid": pid})
+            self._runners[key] = runner

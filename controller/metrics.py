@@ -1,0 +1,140 @@
+"""Prometheus metrics of one controller process (its own registry, so tests can run several
+controllers in one interpreter), and the HTTP endpoint that serves them with the probes.
+
+Endpoints on METRICS_PORT:
+- `/metrics`: the Prometheus text format;
+- `/healthz`: 200 while the service loop is alive (it completed a loop turn recently), else
+  503 — the liveness probe restarts a wedged process;
+- `/readyz`: 200 once the executor has synced and the database answered the last pass, else
+  503 with the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_jobs = Gauge(
+            "dharma_queue_jobs", "Rows in dharma.stt_jobs by status.", ["status"], registry=r
+        )
+        self.oldest_pending = Gauge(
+            "dharma_queue_oldest_pending_age_seconds",
+            "How long the longest-waiting claimable row has waited.",
+            registry=r,
+        )
+        self.claims = Counter("dharma_claims_total", "Attempts claimed.", registry=r)
+        self.launches = Counter(
+            "dharma_runner_launches_total", "Runners launched, by result.", ["result"], registry=r
+        )
+        self.outcomes = Counter(
+            "dharma_attempt_outcomes_total",
+            "Finished attempts by outcome: success or a failure reason.",
+            ["outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "dharma_retries_total", "Failed attempts sent back to pending.", ["reason"], registry=r
+        )
+        self.duration = Histogram(
+            "dharma_attempt_duration_seconds",
+            "Wall time of an attempt, claim to recorded outcome.",
+            ["outcome"],
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "dharma_runners_in_flight", "Runners started and not finished.", registry=r
+        )
+        self.deleted = Counter(
+            "dharma_runner_deletions_total",
+            "Runners stopped by the controller, by why.",
+            ["why"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "dharma_leader", "1 while this replica holds the leader Lease.", registry=r
+        )
+        self.db_errors = Counter(
+            "dharma_database_errors_total", "Passes that lost the database.", registry=r
+        )
+        self.relists = Counter(
+            "dharma_watch_relists_total",
+            "Full relists of the Job/pod watch (start, 410 Gone, dropped watch).",
+            ["resource"],
+            registry=r,
+        )
+        self.passes = Counter("dharma_reconcile_passes_total", "Reconcile passes.", registry=r)
+        for status in STATUSES:
+            self.queue_jobs.labels(status=status).set(0)
+
+
+class Health:
+    """What the probes report, updated by the service loop."""
+
+    def __init__(self, liveness_window: float) -> None:
+        self.liveness_window = liveness_window
+        self._beat = time.monotonic()
+        self.not_ready: str | None = "starting"
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._beat < self.liveness_window
+
+
+class ProbeServer:
+    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+
+    def __init__(self, port: int, metrics: Metrics, health: Health) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = health.alive()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"service loop stalled\n")
+                elif path == "/readyz":
+                    why = health.not_ready
+                    self._send(503 if why else 200, f"{why or 'ok'}\n".encode())
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Probes every few seconds are not worth a log line."""
+
+        self._server = ThreadingHTTPServer(("0.0.0.0", port), Handler)  # noqa: S104 - probes
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="probes", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,72 @@
+"""`dharma-controller run`: wire settings, executor, leader election and signals together.
+
+Everything that can be checked before serving is checked here, so a misconfigured
+Deployment fails at once with a message naming the variable (exit status 2) instead of
+crash-looping later.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+from controller.executor import Executor
+from controller.metrics import Metrics
+from controller.service import Leadership, Service
+from controller.settings import ControllerSettings
+from dharma_common.logs import configure_logging
+from dharma_common.settings import ConfigError, load_settings
+
+log = logging.getLogger("controller")
+
+
+def _fail(message: str) -> int:
+    log.error("configuration error: %s", message)
+    print(f"dharma-controller: configuration error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
+    overrides = {"EXECUTOR": executor_name} if executor_name else {}
+    try:
+        settings = load_settings(ControllerSettings, **overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    configure_logging(settings.LOG_LEVEL)
+    leader: Leadership | None = None
+    metrics = Metrics()
+    executor: Executor
+    if settings.EXECUTOR == "local":
+        if settings.LEADER_ELECTION:
+            return _fail(
+                "LEADER_ELECTION=true needs EXECUTOR=kubernetes (local controllers each run "
+                "their own children and share the queue without a leader)"
+            )
+        from controller.local import LocalExecutor
+
+        executor = LocalExecutor(settings)
+    else:
+        from controller.kube import KubernetesExecutor, load_api_client
+
+        try:
+            api = load_api_client()
+        except ConfigError as exc:
+            return _fail(str(exc))
+        executor = KubernetesExecutor(settings, api, metrics)
+        if settings.LEADER_ELECTION:
+            from controller.lease import LeaseElector
+
+            leader = LeaseElector(settings, api)
+    service = Service(
+        settings, executor, leader=leader, exit_when_idle=exit_when_idle, metrics=metrics
+    )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return service.run()

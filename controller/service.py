@@ -1,0 +1,407 @@
+"""The service loop: claim, launch, observe, decide, record — one pass at a time.
+
+A pass runs whenever something may have changed: a NOTIFY (a row became pending or
+cancelled), an executor event (a Job or pod changed, a process exited), the next retry
+becoming due, or the safety-net timer (min of POLL_INTERVAL_SECONDS and
+RESYNC_INTERVAL_SECONDS). Each pass
+
+1. reconciles every row the controller owns (`processing`) with its runner's observed state
+   through the pure rules in reconcile.py, and records outcomes (fenced);
+2. stops runners whose row moved on (cancelled, retried, finished: the "sweep");
+3. claims due rows up to the global cap and launches their runners.
+
+Everything the loop knows is re-derived from PostgreSQL and the executor each pass, so a
+restart at any instant loses nothing: claimed rows without a runner are launched (the
+deterministic runner name makes that exactly-once), runners found without their name on the
+row are adopted, and finished runners are recorded. Only the leader (LEADER_ELECTION) acts;
+a standby keeps its watch cache warm. A lost database is survived by retrying passes with
+backoff; runners keep running meanwhile and are recorded once it is back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from controller import faults
+from controller.executor import Executor, Launched
+from controller.jobspec import LaunchSpec
+from controller.listener import Listener
+from controller.metrics import STATUSES, Health, Metrics, ProbeServer
+from controller.model import REASON_CONTROLLER_RESTARTED, REASON_INVALID, JobRow, Observation, Phase
+from controller.reconcile import (
+    Failure,
+    Launch,
+    Retry,
+    Succeed,
+    Verify,
+    Wait,
+    decide,
+    plan_failure,
+)
+from controller.settings import ControllerSettings
+from controller.store import DatabaseUnavailable, Store
+from dharma_common.logs import log_context
+
+log = logging.getLogger("controller")
+
+
+class Leadership(Protocol):
+    """Leader election (controller/lease.py); without it this replica always acts."""
+
+    def start(self, wake: Callable[[], None]) -> None: ...
+    def is_leader(self) -> bool: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _LaunchError:
+    first: dt.datetime
+    message: str
+    invalid: bool
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Service:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        executor: Executor,
+        *,
+        leader: Leadership | None = None,
+        exit_when_idle: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.leader = leader
+        self.exit_when_idle = exit_when_idle
+        self.identity = settings.identity()
+        self.metrics = metrics or Metrics()
+        self.health = Health(liveness_window=max(60.0, 3 * settings.POLL_INTERVAL_SECONDS))
+        self.store = Store(settings, f"dharma-controller {self.identity}")
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._launch_errors: dict[tuple[int, int], _LaunchError] = {}
+        self._next_queue_metrics = 0.0
+        self._listener = Listener(settings, self.wake, f"dharma-controller-listen {self.identity}")
+        self._probes: ProbeServer | None = None
+
+    # ------------------------------------------------------------------ control ---
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """SIGTERM: finish the current pass, claim nothing more, exit."""
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def probe_port(self) -> int | None:
+        return self._probes.port if self._probes else None
+
+    def run(self) -> int:
+        """Serve until stopped (or idle, with exit_when_idle). Returns the exit status."""
+        for name in faults.enabled():
+            log.warning("TEST FAULT INJECTION ENABLED: never set this in production",
+                        extra={"fault": name})  # fmt: skip
+        if self.settings.METRICS_PORT:
+            self._probes = ProbeServer(self.settings.METRICS_PORT, self.metrics, self.health)
+            self._probes.start()
+        log.info(
+            "controller starting",
+            extra={"executor": self.executor.kind, "identity": self.identity,
+                   "database": self.settings.describe(),
+                   "max_concurrent_jobs": self.settings.MAX_CONCURRENT_JOBS},
+        )  # fmt: skip
+        self.executor.start(self.wake)
+        if self.leader is not None:
+            self.leader.start(self.wake)
+        self._listener.start()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        timeout = 0.0
+        while not self._stopping.is_set():
+            self._wake.wait(timeout)
+            self._wake.clear()
+            self.health.beat()
+            if self._stopping.is_set():
+                break
+            if not self.executor.synced():
+                self.health.not_ready = f"{self.executor.kind} executor has not synced yet"
+                timeout = 0.5
+                continue
+            try:
+                idle, next_due = self._pass()
+            except DatabaseUnavailable as exc:
+                self.metrics.db_errors.inc()
+                self.health.not_ready = f"database unavailable: {exc}"
+                log.warning("database unavailable; retrying",
+                            extra={"error": str(exc), "retry_in_seconds": backoff})  # fmt: skip
+                self._stopping.wait(backoff)
+                backoff = min(30.0, backoff * 2)
+                timeout = 0.0
+                continue
+            except Exception:
+                # A bug or an unexpected API answer must not kill the service: say so, back
+                # off, and try again with fresh state (everything is re-read each pass).
+                log.exception("reconcile pass failed; retrying")
+                self._stopping.wait(backoff)
+                backoff = min(30.0, backoff * 2)
+                timeout = 0.0
+                continue
+            backoff = 0.5
+            self.health.not_ready = None
+            if idle:
+                log.info("queue drained and nothing in flight; exiting (--exit-when-idle)")
+                return
+            timeout = min(
+                self.settings.POLL_INTERVAL_SECONDS, self.settings.RESYNC_INTERVAL_SECONDS
+            )
+            if next_due is not None:
+                timeout = max(0.05, min(timeout, next_due + 0.05))
+
+    def _shutdown(self) -> None:
+        log.info("controller stopping")
+        self._listener.stop()
+        if self.leader is not None:
+            self.leader.stop()
+        self.executor.shutdown()
+        if self.executor.finished_unclaimed():
+            # Local runners stopped on shutdown: record their outcomes (retries) now.
+            try:
+                for row in self.store.inflight(self.executor.owner):
+                    if self.executor.observe(row.key).phase is not Phase.NONE:
+                        self._reconcile(row, launch=False)
+            except DatabaseUnavailable as exc:
+                log.warning("outcomes not recorded at shutdown", extra={"error": str(exc)})
+        self.store.close()
+        if self._probes is not None:
+            self._probes.stop()
+        log.info("controller stopped")
+
+    # ------------------------------------------------------------------ one pass ---
+
+    def _pass(self) -> tuple[bool, float | None]:
+        """Reconcile, sweep, claim. Returns (idle, seconds until the next retry is due)."""
+        self.metrics.passes.inc()
+        leading = self.leader is None or self.leader.is_leader()
+        self.metrics.leader.set(1 if leading else 0)
+        self._queue_metrics()
+        if not leading:
+            return False, None
+        rows = self.store.inflight(self.executor.owner)
+        for row in rows:
+            self._reconcile(row)
+        if self.executor.owner is not None:
+            self._rescue_abandoned()
+        self._sweep({row.key for row in rows})
+        if not self._stopping.is_set():
+            self._claim()
+        self.metrics.in_flight.set(self.executor.in_flight())
+        next_due = self.store.next_due()
+        idle = False
+        if self.exit_when_idle:
+            # Drained: no pending row at all (a retry waiting for its backoff still counts,
+            # or the demo would exit with its job half done), and nothing in flight.
+            idle = (
+                next_due is None
+                and not self.store.inflight(self.executor.owner)
+                and not self.executor.alive()
+                and not self.executor.finished_unclaimed()
+            )
+        return idle, next_due
+
+    def _queue_metrics(self) -> None:
+        now = time.monotonic()
+        if now < self._next_queue_metrics:
+            return
+        self._next_queue_metrics = now + self.settings.QUEUE_METRICS_INTERVAL_SECONDS
+        depth = self.store.queue_depth()
+        for status in STATUSES:
+            self.metrics.queue_jobs.labels(status=status).set(depth.get(status, 0))
+        self.metrics.oldest_pending.set(self.store.oldest_pending_age())
+
+    # ------------------------------------------------------------------ claiming ---
+
+    def _claim(self) -> None:
+        while not self._stopping.is_set():
+            if self.leader is not None and not self.leader.is_leader():
+                return
+            rows = self.store.claim(
+                self.identity, self.settings.CLAIM_BATCH_SIZE, self.settings.MAX_CONCURRENT_JOBS
+            )
+            if not rows:
+                return
+            self.metrics.claims.inc(len(rows))
+            for row in rows:
+                with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
+                    log.info("claimed", extra={"memory_limit": row.memory_limit})
+            faults.crash_if(faults.CRASH_AFTER_CLAIM)
+            self._launch(rows)
+            if len(rows) < self.settings.CLAIM_BATCH_SIZE:
+                return
+
+    def _launch(self, rows: list[JobRow]) -> None:
+        specs = [LaunchSpec(r.id, r.attempts, str(r.media_id), r.memory_limit) for r in rows]
+        results = self.executor.launch(specs)
+        for row, result in zip(rows, results, strict=True):
+            with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
+                self._launched(row, result)
+
+    def _launched(self, row: JobRow, result: Launched) -> None:
+        token = (row.id, row.attempts)
+        if result.runner_name is None:
+            self.metrics.launches.labels(result="error").inc()
+            known = self._launch_errors.get(token)
+            first = known.first if known else _utcnow()
+            self._launch_errors[token] = _LaunchError(
+                first, result.error or "unknown error", result.invalid
+            )
+            log.warning("runner not launched", extra={"error": result.error})
+            return
+        self._launch_errors.pop(token, None)
+        self.metrics.launches.labels(result="ok").inc()
+        if self.store.set_runner_name(row.key, result.runner_name):
+            log.info("runner launched", extra={"runner_name": result.runner_name})
+        else:
+            log.info("row moved on before its runner was recorded; stopping the runner",
+                     extra={"runner_name": result.runner_name})  # fmt: skip
+            self.executor.delete(row.key)
+            self.metrics.deleted.labels(why="row_moved_on").inc()
+
+    # ------------------------------------------------------------------ reconciling ---
+
+    def _reconcile(self, row: JobRow, launch: bool = True) -> None:
+        with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
+            key = row.key
+            seen = self.executor.observe(key)
+            if seen.phase is Phase.NONE:
+                error = self._launch_errors.get((row.id, row.attempts))
+                if error is not None:
+                    seen = replace(seen, since=error.first, message=error.message,
+                                   reason=REASON_INVALID if error.invalid else None)  # fmt: skip
+            elif seen.runner_name and row.runner_name != seen.runner_name:
+                # Created, then the controller died before recording the name: adopt it.
+                if self.store.set_runner_name(key, seen.runner_name):
+                    log.info("adopted runner", extra={"runner_name": seen.runner_name})
+                row = replace(row, runner_name=seen.runner_name)
+            now = _utcnow()
+            action = decide(row, seen, now, self.settings)
+            if isinstance(action, Verify):
+                seen = self.executor.verify_gone(key, row.runner_name or "")
+                action = decide(row, seen, now, self.settings)
+                if isinstance(action, Verify):
+                    action = Wait("runner not visible yet")
+            if isinstance(action, Launch):
+                if launch:
+                    log.info("launching the runner of a claimed attempt")
+                    self._launch([row])
+            elif isinstance(action, Succeed):
+                self._record_success(row)
+            elif isinstance(action, Failure):
+                self._record_failure(row, action)
+
+    def _duration(self, row: JobRow) -> float:
+        if row.processing_started_at is None:
+            return 0.0
+        return max(0.0, (_utcnow() - row.processing_started_at).total_seconds())
+
+    def _record_success(self, row: JobRow) -> None:
+        faults.crash_if(faults.CRASH_BEFORE_RECORD)
+        if self.store.record_success(row.key):
+            self.metrics.outcomes.labels(outcome="success").inc()
+            self.metrics.duration.labels(outcome="success").observe(self._duration(row))
+            log.info("attempt succeeded", extra={"runner_name": row.runner_name})
+        else:
+            log.info("row moved on; success not recorded")
+        self.executor.forget(row.key)
+        self._launch_errors.pop((row.id, row.attempts), None)
+
+    def _record_failure(self, row: JobRow, failure: Failure) -> None:
+        faults.crash_if(faults.CRASH_BEFORE_RECORD)
+        plan = plan_failure(row, failure, self.settings, random.random())
+        reason = plan.reason.value
+        if isinstance(plan, Retry):
+            recorded = self.store.record_retry(
+                row.key, reason, plan.message, plan.delay_seconds, plan.memory_limit
+            )
+            if recorded:
+                self.metrics.retries.labels(reason=reason).inc()
+        else:
+            recorded = self.store.record_failure(row.key, reason, plan.message)
+        if recorded:
+            self.metrics.outcomes.labels(outcome=reason).inc()
+            self.metrics.duration.labels(outcome=reason).observe(self._duration(row))
+            log.warning(
+                "attempt failed",
+                extra={"failure_reason": reason, "error": plan.message,
+                       "retry": isinstance(plan, Retry), "runner_name": row.runner_name},
+            )  # fmt: skip
+        else:
+            log.info("row moved on; failure not recorded", extra={"failure_reason": reason})
+        if failure.delete_runner:
+            self.executor.delete(row.key)
+            self.metrics.deleted.labels(why=reason).inc()
+        else:
+            self.executor.forget(row.key)
+        self._launch_errors.pop((row.id, row.attempts), None)
+
+    def _rescue_abandoned(self) -> None:
+        """Local executor: fail rows another (vanished) local controller claimed so long ago
+        that its deadline has certainly killed their runner."""
+        slack = self.settings.LOCAL_TERMINATION_GRACE_SECONDS + 60
+        owner = self.executor.owner or self.identity
+        for row in self.store.abandoned(owner, self.settings.JOB_DEADLINE_SECONDS + slack):
+            seen = Observation(
+                Phase.FAILED,
+                runner_name=row.runner_name,
+                reason=REASON_CONTROLLER_RESTARTED,
+                message=f"abandoned: claimed by controller {row.claimed_by!r}, which did not "
+                f"finish it within JOB_DEADLINE_SECONDS ({self.settings.JOB_DEADLINE_SECONDS} s)",
+            )
+            with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
+                action = decide(row, seen, _utcnow(), self.settings)
+                if isinstance(action, Succeed):
+                    self._record_success(row)
+                elif isinstance(action, Failure):
+                    self._record_failure(row, action)
+
+    def _sweep(self, owned: set[object]) -> None:
+        """Stop runners whose row is no longer theirs (cancelled, retried, gone); release the
+        state of finished ones. A fenced runner (exit 12) ends here: nothing is recorded."""
+        alive = [k for k in self.executor.alive() if k not in owned]
+        finished = [k for k in self.executor.finished_unclaimed() if k not in owned]
+        if not alive and not finished:
+            return
+        rows = self.store.owners(sorted({k.job_id for k in alive + finished}))
+        for key in alive:
+            status, attempts = rows.get(key.job_id, ("deleted", 0))
+            if status == "processing" and attempts == key.attempt:
+                continue  # claimed after this pass read its rows
+            why = "cancelled" if status == "cancelled" else "row_moved_on"
+            with log_context(job_id=key.job_id, attempt=key.attempt):
+                log.info("stopping runner: its row is no longer this attempt's",
+                         extra={"row_status": status, "row_attempts": attempts})  # fmt: skip
+                self.executor.delete(key)
+            self.metrics.deleted.labels(why=why).inc()
+        for key in finished:
+            status, attempts = rows.get(key.job_id, ("deleted", 0))
+            if not (status == "processing" and attempts == key.attempt):
+                self.executor.forget(key)

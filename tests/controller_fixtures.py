@@ -1,0 +1,152 @@
+"""Fixtures for the controller tests (loaded through `pytest_plugins` in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from kubernetes import client
+
+from tests.controller_helpers import ControllerProcess
+
+if TYPE_CHECKING:  # imported by pytest as a plugin (below), so its asserts are rewritten
+    from tests.testbed import Kube
+
+#: The `kube` and `kube_namespace` fixtures (e2e); pytest loads each plugin once.
+pytest_plugins = ["tests.testbed"]
+
+
+@pytest.fixture
+def controller_env(runner_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Environment of a local-executor controller against this test's PostgreSQL and
+    WebDAV; the runners it starts inherit it (real jobrunner, weightless whisper model)."""
+    env = dict(runner_env)
+    env.pop("TERMINATION_MESSAGE_PATH", None)  # the executor sets one per attempt
+    env.pop("SCRATCH_DIR", None)
+    env.update(
+        {
+            "EXECUTOR": "local",
+            "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
+            "LOCAL_SCRATCH_DIR": str(tmp_path / "controller-scratch"),
+            "METRICS_PORT": "0",
+            "POLL_INTERVAL_SECONDS": "1",
+            "RETRY_BASE_SECONDS": "0.2",
+            "RETRY_MAX_SECONDS": "1",
+            "LOCAL_TERMINATION_GRACE_SECONDS": "2",
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def start_controller(
+    tmp_path: Path,
+) -> Iterator[Callable[..., ControllerProcess]]:
+    """Start controllers; any still running at the end are stopped (SIGTERM, then SIGKILL)."""
+    started: list[ControllerProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> ControllerProcess:
+        proc = ControllerProcess(env, tmp_path / f"controller-{len(started)}.log", *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            try:
+                proc.stop(timeout=30)
+            except Exception:
+                proc.kill()
+
+
+# ------------------------------------------------------------------ Kubernetes (e2e) ---
+
+
+@dataclass
+class KubeSetup:
+    """A namespace ready for the controller: restricted Pod Security enforced, the runner's
+    ConfigMap and Secret in place, and the environment of a kubernetes-executor controller."""
+
+    kube: Kube
+    namespace: str
+    env: dict[str, str]
+    batch: Any
+    core: Any
+
+    def jobs(self) -> list[dict[str, Any]]:
+        response = self.batch.list_namespaced_job(self.namespace, _preload_content=False)
+        items: list[dict[str, Any]] = json.loads(response.data)["items"]
+        return items
+
+    def job_names(self) -> list[str]:
+        return sorted(j["metadata"]["name"] for j in self.jobs())
+
+    def pods(self, job_name: str | None = None) -> list[dict[str, Any]]:
+        selector = f"batch.kubernetes.io/job-name={job_name}" if job_name else ""
+        response = self.core.list_namespaced_pod(
+            self.namespace, label_selector=selector, _preload_content=False
+        )
+        items: list[dict[str, Any]] = json.loads(response.data)["items"]
+        return items
+
+
+@pytest.fixture
+def kube_setup(
+    kube: Kube, kube_namespace: str, runner_env: dict[str, str], tmp_path: Path
+) -> KubeSetup:
+    # Any: plain dict bodies and raw JSON responses, as the controller itself uses.
+    if not kube.is_testbed:
+        # The runner never runs in these tests: KWOK plays each pod's fate from the
+        # testbed.dharma/* annotations. A real cluster (kind) would run the runner image
+        # against services it cannot reach from here, so these tests do not apply there.
+        pytest.skip("controller e2e tests need the testbed's simulated pod fates (KWOK)")
+    core: Any = client.CoreV1Api(kube.api_client)
+    batch: Any = client.BatchV1Api(kube.api_client)
+    restricted = {f"pod-security.kubernetes.io/{mode}": "restricted"
+                  for mode in ("enforce", "warn", "audit")}  # fmt: skip
+    core.patch_namespace(kube_namespace, {"metadata": {"labels": restricted}})
+    secret_keys = {"DB_PASSWORD", "WEBDAV_PASSWORD"}
+    runner_config = {
+        k: v for k, v in runner_env.items()
+        if k.startswith(("DB_", "WEBDAV_", "WHISPER_", "HTTP_", "PROGRESS_"))
+        and k not in secret_keys
+    }  # fmt: skip
+    core.create_namespaced_config_map(
+        kube_namespace,
+        {"metadata": {"name": "dharma-stream-runner"}, "data": runner_config},
+    )
+    core.create_namespaced_secret(
+        kube_namespace,
+        {"metadata": {"name": "dharma-stream"},
+         "stringData": {k: runner_env[k] for k in secret_keys}},
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
+    env.update({k: runner_env[k] for k in runner_env if k.startswith("DB_")})
+    env.update(
+        {
+            "EXECUTOR": "kubernetes",
+            "KUBECONFIG": str(kube.kubeconfig),
+            "NAMESPACE": kube_namespace,
+            "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
+            "METRICS_PORT": "0",
+            "POLL_INTERVAL_SECONDS": "1",
+            "RESYNC_INTERVAL_SECONDS": "2",
+            "RETRY_BASE_SECONDS": "0.2",
+            "RETRY_MAX_SECONDS": "1",
+            "RUNNER_IMAGE": "registry.invalid/dharma/jobrunner:test",
+            "RUNNER_CPU_REQUEST": "10m",
+            "RUNNER_MEMORY_REQUEST": "16Mi",
+            "RUNNER_MEMORY_LIMIT": "256Mi",
+            "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
+            "LEASE_DURATION_SECONDS": "3",
+            "PYTHONPATH": runner_env["PYTHONPATH"],
+        }
+    )
+    return KubeSetup(kube, kube_namespace, env, batch, core)

@@ -1,0 +1,162 @@
+"""The queue side against a real PostgreSQL: the batch claim (cap, order, SKIP LOCKED,
+concurrent claimers), fenced writes, and the LISTEN/NOTIFY wake-up."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from controller.model import RunnerKey
+from controller.store import Store
+from tests.conftest import Queue
+from tests.controller_helpers import ControllerProcess, eventually
+from tests.services import Database
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def media(queue: Queue) -> Any:
+    with queue.conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO dharma.media_files (category_id, source_path)"
+            " VALUES ('talks', '/uploads/x.mp4') RETURNING id"
+        )
+        return cur.fetchone()[0]
+
+
+def enqueue(queue: Queue, count: int, **columns: Any) -> list[int]:
+    media_id = media(queue)
+    names = ", ".join(["media_id", *columns])
+    marks = ", ".join(["%s"] * (1 + len(columns)))
+    ids = []
+    for _ in range(count):
+        with queue.conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO dharma.stt_jobs ({names}) VALUES ({marks}) RETURNING id",
+                (media_id, *columns.values()),
+            )
+            ids.append(cur.fetchone()[0])
+    return ids
+
+
+def test_claim_sets_the_attempt_and_respects_the_cap(db: Database, queue: Queue) -> None:
+    ids = enqueue(queue, 6)
+    store = Store(db.settings, "test")
+    claimed = store.claim("replica-a", batch=50, max_in_flight=4)
+    assert sorted(r.id for r in claimed) == ids[:4]  # oldest first
+    row = queue.row(
+        "SELECT status, attempts, claimed_by, processing_started_at IS NOT NULL, runner_name"
+        " FROM dharma.stt_jobs WHERE id = %s",
+        ids[0],
+    )
+    assert row == ("processing", 1, "replica-a", True, None)
+    assert store.claim("replica-a", batch=50, max_in_flight=4) == []
+    store.close()
+
+
+def test_claim_order_priority_and_run_after(db: Database, queue: Queue) -> None:
+    low = enqueue(queue, 1)
+    high = enqueue(queue, 1, priority=5)
+    later = enqueue(queue, 1, priority=9)
+    queue.row(
+        "UPDATE dharma.stt_jobs SET run_after = now() + interval '1 hour' WHERE id = %s"
+        " RETURNING id",
+        later[0],
+    )
+    store = Store(db.settings, "test")
+    first = store.claim("a", batch=1, max_in_flight=10)
+    second = store.claim("a", batch=1, max_in_flight=10)
+    assert [first[0].id, second[0].id] == [high[0], low[0]]
+    assert store.claim("a", batch=10, max_in_flight=10) == []  # not yet due
+    store.close()
+
+
+def test_claim_skips_locked_rows(db: Database, queue: Queue) -> None:
+    """A row locked by another transaction (say, an admin's UPDATE in progress) is skipped,
+    not waited for."""
+    ids = enqueue(queue, 3)
+    holder = db.connect()
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute("SELECT id FROM dharma.stt_jobs WHERE id = %s FOR UPDATE", (ids[0],))
+    store = Store(db.settings, "test")
+    result: list[list[int]] = []
+    claimer = threading.Thread(
+        target=lambda: result.append([r.id for r in store.claim("a", 10, 10)])
+    )
+    claimer.start()
+    claimer.join(timeout=30)
+    holder.rollback()
+    holder.close()
+    assert not claimer.is_alive(), "the claim blocked on a locked row"
+    assert sorted(result[0]) == ids[1:]
+    store.close()
+
+
+def test_concurrent_claimers_never_share_a_row_nor_exceed_the_cap(
+    db: Database, queue: Queue
+) -> None:
+    """Four claimers in parallel, batch 7, cap 25 over 60 rows: each row is claimed once and
+    no more than 25 are ever processing (the advisory lock makes the count exact)."""
+    enqueue(queue, 60)
+    barrier = threading.Barrier(4)
+    claims: list[list[int]] = [[] for _ in range(4)]
+
+    def claimer(index: int) -> None:
+        store = Store(db.settings, f"claimer-{index}")
+        barrier.wait()
+        while rows := store.claim(f"c{index}", batch=7, max_in_flight=25):
+            claims[index].extend(r.id for r in rows)
+        store.close()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    everything = [job for claimed in claims for job in claimed]
+    assert len(everything) == len(set(everything)) == 25
+    assert queue.row("SELECT count(*) FROM dharma.stt_jobs WHERE status = 'processing'")[0] == 25
+
+
+def test_status_writes_are_fenced(db: Database, queue: Queue) -> None:
+    """An outcome for attempt 1 changes nothing once the row is at attempt 2 or cancelled."""
+    (job_id,) = enqueue(queue, 1)
+    store = Store(db.settings, "test")
+    store.claim("a", 1, 10)
+    queue.row("UPDATE dharma.stt_jobs SET status = 'pending' WHERE id = %s RETURNING id", job_id)
+    store.claim("a", 1, 10)  # attempt 2
+    assert not store.record_success(RunnerKey(job_id, 1))
+    assert not store.record_failure(RunnerKey(job_id, 1), "oom_killed", "x")
+    queue.row("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s RETURNING id", job_id)
+    assert not store.record_success(RunnerKey(job_id, 2))
+    assert not store.record_retry(RunnerKey(job_id, 2), "r", "m", 1.0, None)
+    assert queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "cancelled"
+    store.close()
+
+
+def test_notify_wakes_the_controller_before_the_poll_would(
+    queue: Queue,
+    controller_env: dict[str, str],
+    start_controller: Callable[..., ControllerProcess],
+) -> None:
+    """With a 10-minute poll interval, a row inserted after the controller went idle is
+    claimed anyway: only the NOTIFY from the insert trigger can have woken it (this test's
+    wait is bounded far below the poll interval)."""
+    env = {**controller_env, "POLL_INTERVAL_SECONDS": "600", "RESYNC_INTERVAL_SECONDS": "600"}
+    controller = start_controller(env)
+    eventually(lambda: controller.events("listening for notifications"), "LISTEN", timeout=60)
+    eventually(lambda: controller.events("controller starting"), "start")
+    job_id = queue.enqueue(queue.add_media("garbage"))
+    eventually(
+        lambda: (
+            queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "failed"
+        ),
+        "the row to be claimed and run",
+        timeout=120,
+    )
+    assert controller.events("claimed", job_id=job_id)
+    assert controller.stop() == 0

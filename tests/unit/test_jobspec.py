@@ -1,0 +1,212 @@
+"""The Job manifest of one attempt (controller/jobspec.py): contract fields, hardening, and
+the `restricted` Pod Security Standard checked field by field. (The end-to-end tests run the
+same Jobs in namespaces that *enforce* `restricted` in the real API server.)"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from controller.jobspec import LaunchSpec, build_job
+from controller.settings import ControllerSettings
+from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_MEDIA_ID
+from dharma_common.settings import ConfigError, load_settings
+
+MEDIA = "6f1c7c52-9d3e-4a57-8f1b-0d9f1b2f4c11"
+
+
+def settings(**overrides: Any) -> ControllerSettings:
+    return load_settings(
+        ControllerSettings, DB_HOST="db", DB_USER="u", DB_PASSWORD="db-secret", **overrides
+    )
+
+
+def job(memory_limit: str | None = None, **overrides: Any) -> dict[str, Any]:
+    return build_job(settings(**overrides), LaunchSpec(42, 3, MEDIA, memory_limit))
+
+
+def pod(manifest: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = manifest["spec"]["template"]["spec"]
+    return spec
+
+
+def test_identity_name_labels_and_command() -> None:
+    manifest = job(NAMESPACE="media", JOB_NAME_PREFIX="stt")
+    assert manifest["metadata"]["name"] == "stt-42-3"
+    assert manifest["metadata"]["namespace"] == "media"
+    for labels in (
+        manifest["metadata"]["labels"],
+        manifest["spec"]["template"]["metadata"]["labels"],
+    ):
+        assert labels[LABEL_JOB_ID] == "42"
+        assert labels[LABEL_ATTEMPT] == "3"
+        assert labels[LABEL_MEDIA_ID] == MEDIA
+        assert labels[LABEL_MANAGED_BY] == "dharma-controller"
+    container = pod(manifest)["containers"][0]
+    assert container["command"] == ["dharma-jobrunner", "run", "--job-id", "42", "--attempt", "3"]
+    assert container["terminationMessagePolicy"] == "File"
+
+
+def test_same_attempt_same_manifest() -> None:
+    assert job() == job()
+
+
+def test_job_level_contract() -> None:
+    spec = job(JOB_DEADLINE_SECONDS=900, JOB_TTL_SECONDS=3600)["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["activeDeadlineSeconds"] == 900
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert rules[1]["action"] == "FailJob"
+    assert rules[1]["onExitCodes"] == {
+        "containerName": "runner",
+        "operator": "NotIn",
+        "values": [0],
+    }
+
+
+def test_configuration_is_referenced_never_copied() -> None:
+    manifest = job(RUNNER_SECRET_NAME="stt-secret", RUNNER_CONFIGMAP_NAME="stt-config")
+    container = pod(manifest)["containers"][0]
+    assert container["envFrom"] == [
+        {"configMapRef": {"name": "stt-config"}},
+        {"secretRef": {"name": "stt-secret"}},
+    ]
+    text = json.dumps(manifest)
+    assert "db-secret" not in text and "DB_PASSWORD" not in text
+    assert {e["name"] for e in container["env"]} == {"SCRATCH_DIR", "TMPDIR", "HOME"}
+
+
+def test_resources_and_oom_override() -> None:
+    base = pod(job())["containers"][0]["resources"]
+    assert base == {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
+    }
+    raised = pod(job("4Gi"))["containers"][0]["resources"]
+    assert raised["limits"]["memory"] == "4Gi" and raised["requests"]["memory"] == "1Gi"
+    # A request above the (lowered) limit would be rejected: it is clamped.
+    small = pod(job("512Mi"))["containers"][0]["resources"]
+    assert small["requests"]["memory"] == "512Mi"
+
+
+def test_scratch_volume() -> None:
+    spec = pod(job(RUNNER_SCRATCH_SIZE="5Gi"))
+    assert spec["volumes"] == [{"name": "scratch", "emptyDir": {"sizeLimit": "5Gi"}}]
+    assert spec["containers"][0]["volumeMounts"] == [{"name": "scratch", "mountPath": "/scratch"}]
+    assert {"name": "SCRATCH_DIR", "value": "/scratch"} in spec["containers"][0]["env"]
+
+
+def test_placement_and_extras() -> None:
+    tolerations = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}  # fmt: skip
+    manifest = job(
+        RUNNER_NODE_SELECTOR='{"pool": "media"}',
+        RUNNER_TOLERATIONS=json.dumps(tolerations),
+        RUNNER_AFFINITY=json.dumps(affinity),
+        RUNNER_PRIORITY_CLASS="batch-low",
+        RUNNER_IMAGE_PULL_SECRETS="regcred, other",
+        RUNNER_SERVICE_ACCOUNT="runner",
+        RUNNER_POD_LABELS='{"team": "media", "dharma.stream/job-id": "spoofed"}',
+        RUNNER_POD_ANNOTATIONS='{"example.com/note": "x"}',
+    )
+    spec = pod(manifest)
+    assert spec["nodeSelector"] == {"pool": "media"}
+    assert spec["tolerations"] == tolerations
+    assert spec["affinity"] == affinity
+    assert spec["priorityClassName"] == "batch-low"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
+    assert spec["serviceAccountName"] == "runner"
+    template_meta = manifest["spec"]["template"]["metadata"]
+    assert template_meta["labels"]["team"] == "media"
+    assert template_meta["labels"][LABEL_JOB_ID] == "42"  # ours win
+    assert template_meta["annotations"] == {"example.com/note": "x"}
+
+
+def test_defaults_leave_optional_fields_out() -> None:
+    spec = pod(job())
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
+                "imagePullSecrets", "serviceAccountName"):  # fmt: skip
+        assert key not in spec
+
+
+# --------------------------------------------------------------- restricted PSS ---
+
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                   "persistentVolumeClaim", "projected", "secret"}  # fmt: skip
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """The checks of the `restricted` Pod Security Standard (v1.25+) that apply to a pod."""
+    bad = []
+    pod_sc = spec.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            bad.append(flag)
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= ALLOWED_VOLUMES:
+            bad.append(f"volume {volume['name']}: {kinds}")
+    if pod_sc.get("sysctls"):
+        bad.append("sysctls")
+    if pod_sc.get("runAsUser") == 0:
+        bad.append("pod runAsUser 0")
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        sc = container.get("securityContext") or {}
+        name = container["name"]
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            bad.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities added")
+        if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))):
+            bad.append(f"{name}: runAsNonRoot")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            bad.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile")
+        if any(p.get("hostPort") for p in container.get("ports") or []):
+            bad.append(f"{name}: hostPort")
+        if sc.get("procMount") not in (None, "Default"):
+            bad.append(f"{name}: procMount")
+    return bad
+
+
+def test_pod_passes_the_restricted_pod_security_standard() -> None:
+    assert restricted_violations(pod(job())) == []
+
+
+def test_the_checker_catches_violations() -> None:
+    spec = pod(job())
+    spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert len(restricted_violations(spec)) == 2
+
+
+def test_further_hardening() -> None:
+    spec = pod(job())
+    container = spec["containers"][0]
+    assert spec["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["runAsUser"] == 10001
+
+
+@pytest.mark.parametrize("prefix", ["Bad", "-x", "x" * 40])
+def test_bad_prefix_is_rejected(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="JOB_NAME_PREFIX"):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", JOB_NAME_PREFIX=prefix)
