@@ -73,7 +73,7 @@ def migrate(db: DatabaseSettings) -> list[Migration]:
                 applied.append(migration)
                 log.info(
                     "migration applied",
-                    extra={"version": migration.version, "name": migration.name},
+                    extra={"version": migration.version, "migration": migration.name},
                 )
     finally:
         conn.close()

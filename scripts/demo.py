@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -51,13 +52,15 @@ def pick_model() -> tuple[Path, bool]:
 
 
 def make_sample(directory: Path) -> Path:
-    """A 22-second 640x360 VP9/Opus talk: a test pattern with JFK's speech, twice."""
+    """A 26-second 640x360 VP9/Opus talk: a test pattern with JFK's speech twice, a pause
+    after each (back-to-back identical lines would be collapsed as a whisper loop)."""
     path = directory / "sample talk.webm"
     subprocess.run(
         ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-         "testsrc2=size=640x360:rate=25:duration=22", "-stream_loop", "1", "-i", str(JFK),
-         "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k",
-         "-c:a", "libopus", "-t", "22", str(path)],
+         "testsrc2=size=640x360:rate=25:duration=26", "-i", str(JFK), "-filter_complex",
+         "[1:a]apad=pad_dur=2,asplit[a][b];[a][b]concat=n=2:v=0:a=1[speech]",
+         "-map", "0:v", "-map", "[speech]", "-c:v", "libvpx-vp9", "-deadline", "realtime",
+         "-cpu-used", "8", "-b:v", "500k", "-c:a", "libopus", "-t", "26", str(path)],
         check=True,
     )  # fmt: skip
     return path
@@ -80,6 +83,7 @@ def main() -> int:
         print(f"  Falling back to the weightless test model {model}: the pipeline runs end to")
         print("  end, but the subtitle text will be meaningless.")
     work = Path(tempfile.mkdtemp(prefix="dharma-demo-"))
+    work.chmod(0o755)  # PostgreSQL runs as its own user when the demo runs as root
 
     with step("start PostgreSQL"):
         pg = PostgresServer(work / "pg")
@@ -87,7 +91,7 @@ def main() -> int:
     with step("start WebDAV (WsgiDAV)"):
         dav = WebDAVServer(work / "dav")
     try:
-        with pg.admin() as admin, admin.cursor() as cur:
+        with closing(pg.admin()) as admin, admin.cursor() as cur:
             cur.execute("CREATE DATABASE dharma")
         db = pg.settings("dharma")
         env = {
@@ -98,9 +102,9 @@ def main() -> int:
             "LOCAL_SCRATCH_DIR": str(work / "scratch"), "METRICS_PORT": "0",
             "POLL_INTERVAL_SECONDS": "1",
         }  # fmt: skip
-        bindir = Path(sys.executable).parent
+        controller = [sys.executable, "-m", "controller"]  # the `dharma-controller` entry point
         with step("migrate (dharma-controller migrate)"):
-            subprocess.run([str(bindir / "dharma-controller"), "migrate"], env=env, check=True)
+            subprocess.run([*controller, "migrate"], env=env, check=True)
 
         with step("prepare the talk"):
             source = args.file or make_sample(work)
@@ -128,8 +132,7 @@ def main() -> int:
 
         with step("process (dharma-controller run --executor local --exit-when-idle)"):
             run = subprocess.run(
-                [str(bindir / "dharma-controller"), "run", "--executor", "local",
-                 "--exit-when-idle"],
+                [*controller, "run", "--executor", "local", "--exit-when-idle"],
                 env=env, stderr=subprocess.PIPE, text=True, check=False,
             )  # fmt: skip
         runner_timings: dict[str, float] = {}
@@ -138,7 +141,7 @@ def main() -> int:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("event") == "attempt succeeded":
+            if record.get("event") == "attempt succeeded" and "timings" in record:
                 runner_timings = record.get("timings", {})
         with conn.cursor() as cur:
             cur.execute("SELECT status, error_message, attempts FROM dharma.stt_jobs WHERE id = %s",
@@ -163,7 +166,10 @@ def main() -> int:
         print(f"duration: {duration:.1f} s")
         print(f"HLS playlist: {dav.base_url}{base}/hls/playlist.m3u8")
         print(f"subtitles:    {dav.base_url}{base}/subtitles.vtt")
-        print(f"on disk:      {dav.root}{base}/")
+        print(
+            f"on disk:      {dav.root}{base}/"
+            + ("" if args.keep else "  (removed on exit; --keep)")
+        )
         print(f"\nsubtitles ({len(subtitles)} rows in dharma.subtitles):")
         for start, end, text in subtitles:
             print(f"  {start / 1000:7.2f} → {end / 1000:7.2f}  {text}")
@@ -183,6 +189,7 @@ def main() -> int:
     finally:
         dav.close()
         pg.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

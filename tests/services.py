@@ -294,6 +294,7 @@ class WebDAVServer:
         from wsgidav.wsgidav_app import WsgiDAVApp
 
         self.root = root or Path(tempfile.mkdtemp(prefix="dharma-dav-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         config = {
             "host": "127.0.0.1",
