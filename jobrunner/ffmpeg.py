@@ -31,6 +31,14 @@ class FFmpegProcess:
         self._proc.wait()
         self._log.close()
 
+    def finished(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; True once FFmpeg has exited (then call `wait`)."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def wait(self) -> None:
         """Wait for FFmpeg; a failure quotes FFmpeg's own reason."""
         try:

@@ -140,6 +140,21 @@ def _timed(timings: dict[str, float], name: str) -> Callable[[], None]:
     return done
 
 
+def _wait_owned(main: FFmpegProcess, store: RunnerStore, interval: float) -> None:
+    """Wait for the encode while checking the fence every `interval` seconds, so a cancelled
+    or superseded attempt stops encoding instead of finishing an hour of work for nothing
+    (when whisper runs beside the encode, its progress writes do this check)."""
+    while not main.finished(interval or 0.5):
+        try:
+            owned = store.still_owned()
+        except TemporaryError as exc:
+            log.warning("fence not checked", extra={"error": str(exc)})
+            continue
+        if not owned:
+            raise FencedOut("the job is no longer owned by this attempt (cancelled or retried)")
+    main.wait()
+
+
 def upload_artifacts(dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, workers: int) -> int:
     """MKCOL the tree, upload files in parallel, and the playlist strictly last."""
     for collection in layout.collections():
@@ -170,7 +185,9 @@ def run_attempt(
     """Process one claimed attempt; raises a `RunnerError` subclass on failure."""
     stop = _Stop()
     make_transcriber = transcriber or (
-        lambda: WhisperCpp(settings.WHISPER_MODEL, settings.WHISPER_THREADS)
+        lambda: WhisperCpp(
+            settings.WHISPER_MODEL, settings.WHISPER_THREADS, settings.WHISPER_BEAM_SIZE
+        )
     )
     with _sigterm(stop), log_context(job_id=job_id, attempt=attempt):
         store = RunnerStore(settings, job_id, attempt)
@@ -237,6 +254,10 @@ def _process(
     )
     plan = make_plan(info, ws, opts)
     ws.hls.mkdir()
+    # Whisper and x264 on the same cores slow each other down more than they gain: whisper's
+    # threads spin at their barriers while x264 holds the CPU (docs/performance.md, table 1).
+    # A stream copy or an audio-only pass is light, so those still run beside whisper.
+    overlap = settings.OVERLAP_VIDEO_ENCODE or plan.copy_video is not False
     log.info(
         "plan",
         extra={
@@ -245,6 +266,7 @@ def _process(
             "copy_video": plan.copy_video,
             "copy_audio": plan.copy_audio,
             "source_duration": info.duration,
+            "overlap": overlap,
         },
     )
 
@@ -257,8 +279,13 @@ def _process(
     main = FFmpegProcess(plan.main, ws.root / "main.log", "convert the source")
     segments = []
     try:
+        if not overlap:
+            _wait_owned(main, store, settings.PROGRESS_INTERVAL_SECONDS)
+            done()
+            log.info("source converted", extra={"seconds": timings["encode"]})
         if plan.pcm is not None:
             model = make_transcriber()
+            log.info("transcription started")
             t_done = _timed(timings, "transcribe")
             with _Progress(store, stop, settings.PROGRESS_INTERVAL_SECONDS) as progress:
                 stop.in_native = True
@@ -271,8 +298,10 @@ def _process(
             t_done()
             if stop.reason is not None:
                 raise (Interrupted if "SIGTERM" in stop.reason else FencedOut)(stop.reason)
-        main.wait()
-        done()
+        if overlap:
+            main.wait()
+            done()
+            log.info("source converted", extra={"seconds": timings["encode"]})
     except BaseException:
         main.kill()
         raise

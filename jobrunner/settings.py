@@ -46,6 +46,11 @@ class RunnerSettings(DatabaseSettings):
         default="veryfast",
         pattern=r"^(ultrafast|superfast|veryfast|faster|fast|medium|slow|slower|veryslow)$",
     )
+    #: Beams for whisper's beam search; 0 or 1 decodes greedily (bench/tuning.py table 3).
+    WHISPER_BEAM_SIZE: int = Field(default=0, ge=0, le=16)
+    #: Transcribe while x264 re-encodes the video (True) or after it (False). Stream-copy and
+    #: audio-only runs always overlap: their FFmpeg pass is light. bench/tuning.py table 1.
+    OVERLAP_VIDEO_ENCODE: bool = False
     SCRATCH_DIR: Path = Path("/tmp")  # noqa: S108 - a private mkdtemp() below it
     MAX_SOURCE_BYTES: int = Field(default=20 * 1024**3, ge=1)
     MAX_DURATION_SECONDS: float = Field(default=6 * 3600, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ def decode_segments(raw: Iterable[tuple[int, int, bytes]]) -> list[Segment]:
     return out
 
 
+#: Repeats further apart than this are a speaker saying the same thing again (a refrain, a
+#: chant after a pause), not whisper looping on silence, whose repeats are back to back.
+_REPEAT_GAP_MS = 1000
+
+#: whisper.cpp's own non-speech markers, e.g. "[BLANK_AUDIO]": not words anyone said.
+_MARKER = re.compile(r"(\[[A-Z_ ]+\]\s*)+")
+
+
 def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
@@ -41,18 +50,24 @@ def clean_segments(segments: Iterable[Segment], duration_ms: int | None = None) 
     """Strip text, drop empty segments, clamp times, and collapse consecutive repeats.
 
     Whisper is known to hallucinate the same line over and over on silence or music; a run
-    of identical consecutive lines becomes one segment spanning the whole run.
+    of identical consecutive lines becomes one segment spanning the whole run — but only while
+    they follow each other without a gap (`_REPEAT_GAP_MS`). A segment that is only
+    whisper.cpp's non-speech marker ("[BLANK_AUDIO]") is dropped: it is not a caption.
     """
     cleaned: list[Segment] = []
     for seg in segments:
         text = " ".join(seg.text.split())
-        if not text:
+        if not text or _MARKER.fullmatch(text):
             continue
         start = max(0, seg.start_ms)
         end = max(start, seg.end_ms)
         if duration_ms is not None and duration_ms > 0:
             start, end = min(start, duration_ms), min(end, duration_ms)
-        if cleaned and _norm(cleaned[-1].text) == _norm(text):
+        if (
+            cleaned
+            and _norm(cleaned[-1].text) == _norm(text)
+            and start - cleaned[-1].end_ms <= _REPEAT_GAP_MS
+        ):
             prev = cleaned[-1]
             cleaned[-1] = Segment(prev.start_ms, max(prev.end_ms, end), prev.text)
             continue

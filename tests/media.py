@@ -1,8 +1,13 @@
 """Test media generated with FFmpeg: a test pattern with `jfk.wav` as its sound, in many
-containers and codecs, plus deliberately broken files. Generated once per session."""
+containers and codecs, plus deliberately broken files. Generated once per session.
+
+The bad-media corpus (issue 6) is every kind below; `tests/integration/test_jobrunner.py`
+and `tests/integration/test_bad_media.py` run each one through the real jobrunner.
+"""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from pathlib import Path
 
@@ -22,6 +27,9 @@ def _speech() -> list[str]:
     return ["-i", str(JFK)]
 
 
+#: Keep frames 0-2, then drop every 5th+2 and 7th+3 frame: irregular gaps between frames.
+_VFR_SELECT = "select='lt(n\\,3)+not(eq(mod(n\\,5)\\,2))*not(eq(mod(n\\,7)\\,3))'"
+
 #: kind -> (file name, ffmpeg arguments after the common prefix, without the output path)
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "h264_aac_mp4": ("talk.mp4", [*_video_src(11), *_speech(), "-c:v", "libx264",
@@ -37,8 +45,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                        "ultrafast", "-pix_fmt", "yuv420p10le", "-c:a", "aac", "-shortest"]),
     "h264_444_mp4": ("four-four-four.mp4", [*_video_src(4), *_speech(), "-c:v", "libx264",
                      "-preset", "ultrafast", "-pix_fmt", "yuv444p", "-c:a", "aac", "-shortest"]),
-    "odd_dims_mp4": ("odd.mp4", [*_video_src(4, size="321x241"), *_speech(), "-c:v", "mpeg4",
-                     "-c:a", "aac", "-shortest"]),
+    # testsrc2 rounds its size down to even numbers: scale afterwards to get really odd ones.
+    "odd_dims_mp4": ("odd.mp4", [*_video_src(4), *_speech(), "-vf", "scale=321:241",
+                     "-c:v", "mpeg4", "-c:a", "aac", "-shortest"]),
     "video_only_mp4": ("silent-film.mp4", [*_video_src(8), "-c:v", "libx264", "-preset",
                        "ultrafast", "-pix_fmt", "yuv420p", "-an"]),
     "audio_aac_m4a": ("talk.m4a", [*_speech(), "-c:a", "aac"]),
@@ -53,7 +62,47 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "silence_wav": ("silence.wav", ["-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "8",
                     "-c:a", "pcm_s16le"]),
     "image_png": ("picture.png", ["-f", "lavfi", "-i", "testsrc2=size=64x64", "-frames:v", "1"]),
+    # A banner 125:1 wide and a sliver 1:67 tall with odd sizes: x264 and 4:2:0 must cope.
+    "extreme_wide_webm": ("banner.webm", [*_video_src(4, size="2000x16"), *_speech(),
+                          "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8",
+                          "-b:v", "200k", "-c:a", "libopus", "-shortest"]),
+    "extreme_tall_webm": ("sliver.webm", [*_video_src(4, size="16x1000"), *_speech(),
+                          "-vf", "scale=15:999",
+                          "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8",
+                          "-c:a", "libopus", "-shortest"]),
+    # Variable frame rate: frames dropped irregularly, the timestamps kept (`-fps_mode vfr`).
+    "vfr_webm": ("vfr.webm", [*_video_src(6), *_speech(), "-vf", _VFR_SELECT, "-fps_mode",
+                 "vfr", "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8",
+                 "-b:v", "300k", "-c:a", "libopus", "-shortest"]),
+    "vfr_h264_mp4": ("vfr.mp4", [*_video_src(6), *_speech(), "-vf", _VFR_SELECT, "-fps_mode",
+                     "vfr", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                     "-c:a", "aac", "-shortest"]),
+    # A screen recording with a muted microphone: a real, silent AAC track.
+    "silent_audio_mp4": ("muted.mp4", [*_video_src(12), "-f", "lavfi", "-i",
+                         "anullsrc=r=44100:cl=stereo", "-c:v", "libx264", "-preset",
+                         "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest"]),
+    # Speech, 30 s of silence (a meditation), speech again.
+    "speech_gap_m4a": ("meditation.m4a", [*_speech(), "-f", "lavfi", "-i",
+                       "anullsrc=r=16000:cl=mono:d=30", *_speech(), "-filter_complex",
+                       "[0:a][1:a][2:a]concat=n=3:v=0:a=1", "-c:a", "aac"]),
+    # Surround sound must be downmixed for the web player.
+    "audio_51_flac": ("surround.flac", [*_speech(), "-af",
+                      "pan=5.1|FL=c0|FR=c0|FC=c0|LFE=c0|BL=c0|BR=c0", "-c:a", "flac"]),
 }  # fmt: skip
+
+
+def _patched(source: Path, path: Path, patch: tuple[bytes, int, bytes]) -> Path:
+    """Copy `source` to `path` with the bytes after the first `marker` replaced: a file whose
+    header lies, which FFmpeg can only make by accident."""
+    marker, skip, value = patch
+    data = bytearray(source.read_bytes())
+    at = data.find(marker)
+    if at < 0:
+        raise RuntimeError(f"{marker!r} not found in {source}")
+    at += len(marker) + skip
+    data[at : at + len(value)] = value
+    path.write_bytes(bytes(data))
+    return path
 
 
 def make_media(kind: str, directory: Path) -> Path:
@@ -77,6 +126,27 @@ def make_media(kind: str, directory: Path) -> Path:
         data = full.read_bytes()
         path.write_bytes(data[: len(data) // 2])  # moov is at the end: cut it off
         return path
+    if kind == "no_streams_mkv":
+        # A valid Matroska file whose only stream is a subtitle track: no sound, no picture.
+        path = directory / "subtitles-only.mkv"
+        srt = directory / "subtitles-only.srt"
+        srt.write_text("1\n00:00:00,000 --> 00:00:05,000\nA caption with nothing to caption\n")
+        subprocess.run([*_FF, "-i", str(srt), "-c:s", "srt", str(path)], check=True,
+                       capture_output=True)  # fmt: skip
+        return path
+    if kind == "huge_duration_mkv":
+        # An 6-second MKV whose Segment Duration element (ID 0x4489, 8-byte float, in
+        # milliseconds) says 10 hours.
+        return _patched(make_media("h264_mp3_mkv", directory), directory / "ten-hours.mkv",
+                        (b"\x44\x89\x88", 0, struct.pack(">d", 36_000_000.0)))  # fmt: skip
+    if kind == "lying_duration_mkv":
+        # The same lie, but under the limit (2 hours): the real duration must be recorded.
+        return _patched(make_media("h264_mp3_mkv", directory), directory / "two-hours.mkv",
+                        (b"\x44\x89\x88", 0, struct.pack(">d", 7_200_000.0)))  # fmt: skip
+    if kind == "lying_wav":
+        # A WAV whose data chunk claims 2 GiB (18.6 hours of 16 kHz mono) but holds 11 s.
+        return _patched(make_media("audio_wav", directory), directory / "liar.wav",
+                        (b"data", 0, struct.pack("<I", 0x7FFFFFF0)))  # fmt: skip
     if kind == "h264_aac_mp4_no_faststart":
         name, args = "nofaststart.mp4", RECIPES["h264_aac_mp4"][1]
     else:

@@ -1,0 +1,104 @@
+"""The tuning settings chosen by bench/tuning.py take effect in the real jobrunner process.
+
+No timing is asserted: the runner's own log says which way it ran. With the video
+re-encoded, the default converts the source before whisper starts (OVERLAP_VIDEO_ENCODE off,
+docs/performance.md table 1); a stream copy still runs beside whisper; and the decoder
+strategy that whisper.cpp actually holds is logged, so WHISPER_BEAM_SIZE is visible. While
+whisper waits for the encode, the runner still watches its fence.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dharma_common.contract import ExitCode
+from tests.conftest import Queue
+from tests.integration.runner import run_jobrunner
+from tests.media import make_long_talk
+from tests.services import WebDAVServer
+
+pytestmark = pytest.mark.integration
+
+
+def _events(queue: Queue, env: dict[str, str], kind: str) -> list[dict[str, Any]]:
+    job = queue.job(kind)
+    result = run_jobrunner(env, job.job_id, job.attempt)
+    assert result.code == 0, result.stderr
+    return [json.loads(line) for line in result.stderr.splitlines()]
+
+
+def _order(events: list[dict[str, Any]]) -> list[str]:
+    wanted = ("source converted", "transcription started")
+    return [e["event"] for e in events if e["event"] in wanted]
+
+
+def _event(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(e for e in events if e["event"] == name)
+
+
+def test_reencoded_video_is_converted_before_whisper_starts_by_default(
+    queue: Queue, runner_env: dict[str, str]
+) -> None:
+    events = _events(queue, runner_env, "vp9_opus_webm")
+    assert _event(events, "plan")["overlap"] is False
+    assert _order(events) == ["source converted", "transcription started"]
+    decoding = _event(events, "whisper decoding")
+    assert decoding == decoding | {
+        "threads": 2, "strategy": "WHISPER_SAMPLING_GREEDY", "beam_size": 0,
+    }  # fmt: skip
+
+
+def test_overlap_and_beam_search_when_configured(queue: Queue, runner_env: dict[str, str]) -> None:
+    runner_env["OVERLAP_VIDEO_ENCODE"] = "true"
+    runner_env["WHISPER_BEAM_SIZE"] = "5"
+    runner_env["WHISPER_THREADS"] = "1"
+    events = _events(queue, runner_env, "vp9_opus_webm")
+    assert _event(events, "plan")["overlap"] is True
+    assert _order(events) == ["transcription started", "source converted"]
+    decoding = _event(events, "whisper decoding")
+    assert decoding == decoding | {
+        "threads": 1, "strategy": "WHISPER_SAMPLING_BEAM_SEARCH", "beam_size": 5,
+    }  # fmt: skip
+
+
+def test_stream_copy_still_runs_beside_whisper(queue: Queue, runner_env: dict[str, str]) -> None:
+    events = _events(queue, runner_env, "h264_aac_mp4")
+    plan = _event(events, "plan")
+    assert plan["copy_video"] is True and plan["overlap"] is True
+    assert _order(events) == ["transcription started", "source converted"]
+
+
+def test_cancelled_while_encoding_stops_before_transcribing(
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path, tmp_path: Path
+) -> None:
+    """With the encode no longer beside whisper, no progress is written while it runs; the
+    runner checks its fence between waits instead, and a cancelled job stops there."""
+    job = queue.job(make_long_talk(tmp_path, 40, "640x360", "vp9"))
+    runner_env["X264_PRESET"] = "medium"  # a long encode to cancel in the middle of
+    dav.faults.clear()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job.job_id),
+         "--attempt", str(job.attempt)],
+        env=runner_env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if '"plan"' in line:
+            break
+    queue.row("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s RETURNING id",
+              job.job_id)  # fmt: skip
+    seen += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == ExitCode.FENCED, "".join(seen)
+    message = Path(runner_env["TERMINATION_MESSAGE_PATH"]).read_text()
+    assert "no longer owned by this attempt" in message
+    assert not any('"transcription started"' in line for line in seen)
+    assert [r for r in dav.faults.log if r.method != "GET"] == []
+    assert list(scratch.iterdir()) == []
