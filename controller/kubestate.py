@@ -20,6 +20,7 @@ from controller.model import (
     Observation,
     Phase,
 )
+from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 
 #: Set by the pod cache on a pod that was deleted (a tombstone), so "deleted externally"
 #: can still be told after the object is gone.
@@ -173,30 +174,77 @@ def is_finished(job: Obj) -> bool:
     return bool({"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"} & set(conditions))
 
 
+#: The labels the executor reads: a Job's fencing token, a pod's Job (kube.py).
+_JOB_LABELS = (LABEL_JOB_ID, LABEL_ATTEMPT)
+_POD_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+
+
+def _pick(obj: Obj | None, keys: tuple[str, ...]) -> Obj:
+    """Only `keys`, absent ones left out. The result's keys are this module's constants, not
+    the strings each decoded object brings, so thousands of cached objects share them."""
+    obj = obj or {}
+    return {k: obj[k] for k in keys if obj.get(k) is not None}
+
+
+def _trim_meta(meta: Obj, labels: tuple[str, ...]) -> Obj:
+    trimmed = _pick(meta, ("name", "creationTimestamp", "deletionTimestamp"))
+    trimmed["labels"] = _pick(meta.get("labels"), labels)
+    return trimmed
+
+
+def _trim_conditions(status: Obj) -> list[Obj]:
+    return [_pick(c, ("type", "status", "reason", "message"))
+            for c in status.get("conditions") or []]  # fmt: skip
+
+
 def trim_job(job: Obj) -> Obj:
-    """Keep what observe_job reads: the cache holds thousands of Jobs."""
-    meta = job.get("metadata") or {}
+    """Keep what observe_job and the executor read: the cache holds thousands of Jobs (and
+    as many pods), and the controller's memory is mostly this cache (RSS target 150 MB with
+    2,000 Jobs: bench/controller.py)."""
     spec = job.get("spec") or {}
     pod_spec = (spec.get("template") or {}).get("spec") or {}
+    status = job.get("status") or {}
+    containers = []
+    for c in pod_spec.get("containers") or []:
+        limits = (c.get("resources") or {}).get("limits") or {}
+        container = _pick(c, ("name", "image"))
+        container["resources"] = {"limits": _pick(limits, ("memory",))}
+        containers.append(container)
     return {
-        "metadata": {k: meta.get(k) for k in (
-            "name", "labels", "creationTimestamp", "deletionTimestamp", "resourceVersion")},
+        "metadata": _trim_meta(job.get("metadata") or {}, _JOB_LABELS),
         "spec": {
             "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
-            "template": {"spec": {"containers": [
-                {k: c.get(k) for k in ("name", "image", "resources")}
-                for c in pod_spec.get("containers") or []]}},
+            "template": {"spec": {"containers": containers}},
         },
-        "status": {k: (job.get("status") or {}).get(k) for k in ("conditions", "startTime")},
-    }  # fmt: skip
+        "status": {"conditions": _trim_conditions(status), "startTime": status.get("startTime")},
+    }
+
+
+def _trim_state(state: Obj | None) -> Obj:
+    state = state or {}
+    trimmed: Obj = {}
+    if "waiting" in state:
+        trimmed["waiting"] = _pick(state["waiting"], ("reason", "message"))
+    if "running" in state:
+        trimmed["running"] = _pick(state["running"], ("startedAt",))
+    if "terminated" in state:
+        trimmed["terminated"] = _pick(
+            state["terminated"], ("exitCode", "reason", "message", "finishedAt")
+        )
+    return trimmed
 
 
 def trim_pod(pod: Obj) -> Obj:
-    meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     return {
-        "metadata": {k: meta.get(k) for k in (
-            "name", "labels", "creationTimestamp", "deletionTimestamp", "resourceVersion")},
-        "status": {k: status.get(k) for k in (
-            "phase", "conditions", "containerStatuses", "startTime")},
-    }  # fmt: skip
+        "metadata": _trim_meta(pod.get("metadata") or {}, _POD_LABELS),
+        "status": {
+            "phase": status.get("phase"),
+            "conditions": _trim_conditions(status),
+            "containerStatuses": [
+                {"name": c.get("name"), "state": _trim_state(c.get("state"))}
+                for c in status.get("containerStatuses") or []
+            ],
+            "startTime": status.get("startTime"),
+        },
+    }
