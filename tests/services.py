@@ -124,8 +124,11 @@ class PostgresServer:
         if sig == signal.SIGKILL:  # a crashed postmaster leaves children; reap them
             subprocess.run(["pkill", "-9", "-f", "--", f"-D {self.data}"], check=False)
             time.sleep(0.5)
-            with contextlib.suppress(FileNotFoundError):
-                (self.data / "postmaster.pid").unlink()
+            # A crashed postmaster leaves its pid file and socket lock behind; the next start
+            # would refuse ("lock file already exists").
+            for stale in [self.data / "postmaster.pid", *self.sockets.glob(".s.PGSQL.*")]:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
 
     def restart(self, crash: bool = False) -> None:
         self.stop(signal.SIGKILL if crash else signal.SIGINT)
