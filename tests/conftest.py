@@ -164,3 +164,21 @@ def runner_env(db: Database, dav: WebDAVServer, scratch: Path, tmp_path: Path) -
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+# Registered here, in the root conftest, so `scripts/test -m chaos --chaos-seconds 600` works
+# without naming tests/chaos on the command line (only initial conftests may add options).
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "fault-injection suite (tests/chaos)")
+    group.addoption(
+        "--chaos-seconds",
+        type=float,
+        default=45.0,
+        help="seconds of fault injection per chaos scenario (default 45)",
+    )
+    group.addoption(
+        "--chaos-seed",
+        type=int,
+        default=None,
+        help="seed of the chaos scenarios' random choices (default: time-based, printed)",
+    )

@@ -18,22 +18,6 @@ import pytest
 TABLES: list[str] = []
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("chaos", "fault-injection suite (tests/chaos)")
-    group.addoption(
-        "--chaos-seconds",
-        type=float,
-        default=45.0,
-        help="seconds of fault injection per chaos scenario (default 45)",
-    )
-    group.addoption(
-        "--chaos-seed",
-        type=int,
-        default=None,
-        help="seed of the chaos scenarios' random choices (default: time-based, printed)",
-    )
-
-
 @dataclass(frozen=True)
 class ChaosRun:
     """One scenario's budget and its seeded randomness (the seed is printed for replay)."""
