@@ -77,6 +77,9 @@ def test_deadline_kills_the_process_group(
     """JOB_DEADLINE_SECONDS=1: the runner is stopped and the row says "timed out after 1 s";
     a deadline is not retried."""
     job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
+    # The runner could finish an 11 s stream copy inside 1 s: hold its download so the
+    # deadline, not the runner's speed, decides the outcome.
+    queue.dav.faults.stall(1, 15, method="GET")
     env = {**controller_env, "JOB_DEADLINE_SECONDS": "1"}
     controller = start_controller(env, "--exit-when-idle")
     assert controller.wait(timeout=120) == 0
