@@ -58,14 +58,20 @@ class Outcome:
 
 
 class _Stop:
-    """Set by SIGTERM or a lost fence. Python code checks it; whisper polls it by callback."""
+    """Set by SIGTERM or a lost fence. Python code checks it; whisper polls it by callback.
+    `error` is what the attempt must end with: temporary for SIGTERM, fenced for a lost row."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.error: type[TemporaryError | FencedOut] = Interrupted
         self.in_native = False
 
     def __call__(self) -> bool:
         return self.reason is not None
+
+    def set(self, error: type[TemporaryError | FencedOut], reason: str) -> None:
+        if self.reason is None:  # the first cause wins
+            self.error, self.reason = error, reason
 
 
 @contextmanager
@@ -77,9 +83,9 @@ def _sigterm(stop: _Stop) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop.reason = "terminated by SIGTERM (deadline, node drain or cancellation)"
+        stop.set(Interrupted, "terminated by SIGTERM (deadline, node drain or cancellation)")
         if not stop.in_native:
-            raise Interrupted(stop.reason)
+            raise stop.error(stop.reason)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -121,8 +127,10 @@ class _Progress:
             log.warning("progress not written", extra={"error": str(exc)})
             return
         self._written = value
-        if not owned and self._stop.reason is None:
-            self._stop.reason = "the job is no longer owned by this attempt (cancelled or retried)"
+        if not owned:
+            self._stop.set(
+                FencedOut, "the job is no longer owned by this attempt (cancelled or retried)"
+            )
 
     def _loop(self) -> None:
         with log_context(**self._context):
@@ -206,7 +214,7 @@ def run_attempt(
                 try:
                     ws = Workspace(scratch, source_extension(job.source_path))
                     return _process(
-                        settings, store, stop, ws, layout, source, language, job.media_id,
+                        settings, store, stop, ws, layout, source, language,
                         make_transcriber,
                     )  # fmt: skip
                 finally:
@@ -223,7 +231,6 @@ def _process(
     layout: ArtifactLayout,
     source: list[str],
     language: str,
-    media_id: object,
     make_transcriber: Callable[[], Transcriber],
 ) -> Outcome:
     timings: dict[str, float] = {}
@@ -297,7 +304,7 @@ def _process(
                     stop.in_native = False
             t_done()
             if stop.reason is not None:
-                raise (Interrupted if "SIGTERM" in stop.reason else FencedOut)(stop.reason)
+                raise stop.error(stop.reason)
         if overlap:
             main.wait()
             done()
