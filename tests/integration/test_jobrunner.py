@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from dharma_common.contract import ExitCode
 from tests.conftest import Job, Queue
-from tests.integration.runner import RunResult, run_jobrunner
+from tests.integration.runner import RunResult, run_jobrunner, start_jobrunner
 from tests.media import MODELS
 from tests.services import WebDAVServer
 
@@ -399,11 +398,7 @@ def test_sigterm_stops_cleanly_and_removes_scratch(
     source = make_long_talk(tmp_path, 40, "640x360", "vp9")
     job = queue.job(source)
     runner_env["X264_PRESET"] = "medium"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job.job_id),
-         "--attempt", str(job.attempt)],
-        env=runner_env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_jobrunner(runner_env, job.job_id, job.attempt)
     assert proc.stderr is not None
     for line in proc.stderr:  # wait until it is encoding and transcribing
         if '"plan"' in line:

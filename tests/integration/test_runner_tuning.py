@@ -10,8 +10,6 @@ whisper waits for the encode, the runner still watches its fence.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import pytest
 
 from dharma_common.contract import ExitCode
 from tests.conftest import Queue
-from tests.integration.runner import run_jobrunner
+from tests.integration.runner import run_jobrunner, start_jobrunner
 from tests.media import make_long_talk
 from tests.services import WebDAVServer
 
@@ -82,11 +80,7 @@ def test_cancelled_while_encoding_stops_before_transcribing(
     job = queue.job(make_long_talk(tmp_path, 40, "640x360", "vp9"))
     runner_env["X264_PRESET"] = "medium"  # a long encode to cancel in the middle of
     dav.faults.clear()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job.job_id),
-         "--attempt", str(job.attempt)],
-        env=runner_env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_jobrunner(runner_env, job.job_id, job.attempt)
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
