@@ -65,8 +65,5 @@ class Executor(Protocol):
     def forget(self, key: RunnerKey) -> None:
         """The outcome of `key` is recorded (or irrelevant): release local state."""
 
-    def in_flight(self) -> int:
-        """Runners started and not finished, for the in-flight gauge."""
-
     def shutdown(self) -> None:
         """Stop observing. Kubernetes leaves Jobs running; local stops its processes."""

@@ -211,9 +211,6 @@ class KubernetesExecutor:
     def finished_unclaimed(self) -> list[RunnerKey]:
         return []
 
-    def in_flight(self) -> int:
-        return len(self.alive())
-
     def delete(self, key: RunnerKey) -> None:
         name = job_name(self._settings, key.job_id, key.attempt)
         try:

@@ -216,9 +216,6 @@ class LocalExecutor:
         with self._lock:
             return [k for k, r in self._runners.items() if r.outcome is not None]
 
-    def in_flight(self) -> int:
-        return len(self.alive())
-
     def delete(self, key: RunnerKey) -> None:
         with self._lock:
             runner = self._runners.get(key)

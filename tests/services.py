@@ -91,12 +91,16 @@ class PostgresServer:
         )  # fmt: skip
 
     def start(self) -> None:
+        """fsync and full-page writes are off for speed: they only matter when the operating
+        system crashes. synchronous_commit stays on (PostgreSQL's default): without it a
+        commit already acknowledged is lost when the server crashes, which the controller's
+        guarantees assume never happens (docs/reliability.md, "What the guarantees assume")."""
         log = (self.root / "postgres.log").open("ab")
         self._proc = subprocess.Popen(
             [
                 *self._prefix, str(self.bindir / "postgres"), "-D", str(self.data),
                 "-p", str(self.port), "-k", str(self.sockets), "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                "-c", "fsync=off", "-c", "full_page_writes=off",
                 "-c", "max_connections=400", "-c", "shared_buffers=128MB",
             ],
             stdout=log, stderr=log, start_new_session=True,
@@ -114,21 +118,46 @@ class PostgresServer:
                 time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGINT) -> None:
-        """SIGINT is PostgreSQL's fast shutdown; SIGKILL simulates a crash."""
+        """SIGINT is PostgreSQL's fast shutdown; SIGKILL simulates a crash of the server.
+
+        A crash must take every server process down at once, as a dead machine or container
+        would: PostgreSQL's children (checkpointer, WAL writer, backends) each run in their
+        own session, so killing the postmaster's group alone leaves them writing while the
+        next server starts on the same data directory — which loses committed data, a
+        failure no real crash produces."""
         if self._proc is None:
             return
+        if sig == signal.SIGKILL:
+            doomed = self._server_pids()
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._proc.pid, sig)
         self._proc.wait(timeout=60)
         self._proc = None
-        if sig == signal.SIGKILL:  # a crashed postmaster leaves children; reap them
-            subprocess.run(["pkill", "-9", "-f", "--", f"-D {self.data}"], check=False)
-            time.sleep(0.5)
+        if sig == signal.SIGKILL:
+            deadline = time.monotonic() + 30
+            while any(_running(pid) for pid in doomed):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL processes {doomed} survived SIGKILL")
+                time.sleep(0.05)
             # A crashed postmaster leaves its pid file and socket lock behind; the next start
-            # would refuse ("lock file already exists").
+            # would refuse if their pid has been reused ("lock file already exists").
             for stale in [self.data / "postmaster.pid", *self.sockets.glob(".s.PGSQL.*")]:
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
+
+    def _server_pids(self) -> list[int]:
+        """The postmaster (from its pid file) and all its children."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [postmaster, *(int(pid) for pid in children)]
 
     def restart(self, crash: bool = False) -> None:
         self.stop(signal.SIGKILL if crash else signal.SIGINT)
@@ -152,6 +181,15 @@ class PostgresServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Is `pid` a live process (a zombie has exited and holds no files)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
