@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from controller import procfs
+from controller import faults, procfs
 from controller.executor import Launched
 from controller.jobspec import LaunchSpec, job_name
 from controller.model import (
@@ -169,8 +169,9 @@ class LocalExecutor:
         except OSError as exc:
             shutil.rmtree(directory, ignore_errors=True)
             return Launched(key, None, error=f"cannot start {command[0]}: {exc}")
+        faults.crash_if(faults.CRASH_AFTER_SPAWN)
         stat = procfs.read_stat(popen.pid)
-        (directory / "pid").write_text(f"{popen.pid} {stat.start_time if stat else 0}\n")
+        _write_pid_file(directory, popen.pid, stat.start_time if stat else 0)
         runner = _Runner(
             key, name, popen.pid, directory, popen, time.monotonic(), _utcnow(),
             self._memory_limit(spec),
@@ -284,6 +285,8 @@ class LocalExecutor:
     def _kill(self, runner: _Runner, sig: signal.Signals) -> None:
         if sig == signal.SIGKILL:
             runner.kill_sent = True
+        if runner.pid <= 0:  # an orphan never found: pid 0 would signal our own group
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if sig == signal.SIGKILL:
                 os.killpg(runner.pid, sig)
@@ -299,11 +302,10 @@ class LocalExecutor:
         else:  # an orphan from a previous controller: no exit status to collect
             code = None
             start = int(runner.directory.joinpath("pid").read_text().split()[1] or 0)
-            if procfs.is_same_process(runner.pid, start):
+            if runner.pid > 0 and procfs.is_same_process(runner.pid, start):
                 return False
         # Stragglers of the group (an FFmpeg child) go with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(runner.pid, signal.SIGKILL)
+        self._kill(runner, signal.SIGKILL)
         runner.outcome = self._outcome(runner, code)
         shutil.rmtree(runner.scratch, ignore_errors=True)
         with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
@@ -334,11 +336,16 @@ class LocalExecutor:
             )  # fmt: skip
         if runner.killed_for == "orphan" or code is None:
             said = f" (runner said: {message})" if message else ""
+            what = (
+                f"while runner {runner.name} (pid {runner.pid}) was running; it was stopped"
+                if runner.pid > 0
+                else f"while starting runner {runner.name}, and no such process was found; "
+                "the attempt's outcome is unknown"
+            )
             return replace(
                 failed,
                 reason=REASON_CONTROLLER_RESTARTED,
-                message=f"the controller restarted while runner {runner.name} "
-                f"(pid {runner.pid}) was running; it was stopped{said}",
+                message=f"the controller restarted {what}{said}",
             )
         if code == 0:
             return replace(failed, phase=Phase.SUCCEEDED)
@@ -351,26 +358,49 @@ class LocalExecutor:
     # ------------------------------------------------------------------ crash recovery ---
 
     def _adopt_orphans(self) -> None:
-        """Find attempt directories a previous run of this controller left behind."""
+        """Find attempt directories a previous run of this controller left behind.
+
+        The directory is made before the runner is started, so a directory means "this
+        attempt may have a runner": it is never launched again. With a pid file the runner
+        is known; without one (the controller died between starting it and writing the
+        file) it is looked up by its environment. Either way a live runner is stopped and
+        the attempt reported as "controller restarted" (retried under a new attempt number,
+        which fences anything the old runner might still try)."""
         for directory in sorted(self._root.iterdir()):
             match = _ATTEMPT_DIR.match(directory.name)
             if not match or not directory.is_dir():
                 continue
             key = RunnerKey(int(match[1]), int(match[2]))
-            try:
-                pid_text, start_text = (directory / "pid").read_text().split()
-                pid, start = int(pid_text), int(start_text)
-            except (OSError, ValueError):
-                shutil.rmtree(directory, ignore_errors=True)
-                continue
+            pid, start = self._orphan_pid(directory)
             runner = _Runner(
                 key, job_name(self._settings, key.job_id, key.attempt), pid, directory, None,
                 time.monotonic(), _utcnow(), 0, killed_for="orphan",
             )  # fmt: skip
             with log_context(job_id=key.job_id, attempt=key.attempt):
-                if procfs.is_same_process(pid, start):
+                if pid and procfs.is_same_process(pid, start):
                     log.warning("stopping a previous controller's runner", extra={"pid": pid})
                     self._signal(runner, "orphan")
                 else:
                     log.warning("a previous controller's runner ended", extra={"pid": pid})
             self._runners[key] = runner
+
+    def _orphan_pid(self, directory: Path) -> tuple[int, int]:
+        """(pid, start time) of the runner of an attempt directory; (0, 0) if none is known
+        or alive. Writes the pid file when the runner had to be found by its environment,
+        so a further restart finds it directly."""
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, start_text = (directory / "pid").read_text().split()
+            return int(pid_text), int(start_text)
+        stat = procfs.find_session_leader("SCRATCH_DIR", str(directory / "scratch"))
+        if stat is None:
+            _write_pid_file(directory, 0, 0)
+            return 0, 0
+        _write_pid_file(directory, stat.pid, stat.start_time)
+        return stat.pid, stat.start_time
+
+
+def _write_pid_file(directory: Path, pid: int, start_time: int) -> None:
+    """Atomically: a reader never sees a half-written file, even if we die mid-write."""
+    partial = directory / "pid.partial"
+    partial.write_text(f"{pid} {start_time}\n")
+    partial.replace(directory / "pid")

@@ -56,3 +56,26 @@ def is_same_process(pid: int, start_time: int) -> bool:
     """Is `pid` still the process that started at `start_time` (not a reused pid)?"""
     stat = read_stat(pid)
     return stat is not None and stat.start_time == start_time and stat.state != "Z"
+
+
+def find_session_leader(variable: str, value: str) -> ProcStat | None:
+    """The live session leader whose environment has `variable=value`, if any.
+
+    How the local executor finds a runner whose pid it never wrote down (the controller died
+    between starting it and writing its pid file): each attempt's runner gets a unique
+    SCRATCH_DIR and leads its own session; its FFmpeg children inherit the environment but
+    are not session leaders."""
+    needle = f"{variable}={value}".encode()
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle not in environ.split(b"\0"):
+            continue
+        stat = read_stat(int(entry.name))
+        if stat is not None and stat.session == stat.pid and stat.state != "Z":
+            return stat
+    return None

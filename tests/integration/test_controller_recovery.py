@@ -39,8 +39,7 @@ def test_postgres_restart_while_the_controller_runs(
     controller = start_controller(controller_env)
     eventually(lambda: controller.events("runner process started", job_id=first), "a runner")
     queue.conn.close()
-    # A fast shutdown (SIGINT) ends every session, as a crash would. (crash=True is broken
-    # in tests/services.py: `pkill -f "-D ..."` parses the pattern as an option.)
+    # A fast shutdown (SIGINT) ends every session, as a crash would (crashes: tests/chaos).
     pg_server.restart()
     queue.conn = queue.db.connect()
     eventually(lambda: controller.events("LISTEN connection lost; reconnecting"), "LISTEN lost")
@@ -89,6 +88,28 @@ def test_crash_between_claim_and_launch_launches_exactly_once(
     assert restarted.wait(timeout=150) == 0
     assert row(queue, job_id)[:2] == ("completed", 1)
     assert len(restarted.events("runner process started", job_id=job_id)) == 1
+
+
+def test_crash_between_spawn_and_pid_file_never_runs_the_attempt_again(
+    queue: Queue, controller_env: dict[str, str], start_controller: Start
+) -> None:
+    """SIGKILL right after the runner process started, before its pid file was written
+    (fault hook). The attempt directory says a runner may exist: the restart finds it by its
+    environment, stops it, and records attempt 1 as "controller restarted"; attempt 2 runs
+    to completion. Attempt 1 is never launched a second time."""
+    job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
+    crashing = start_controller({**controller_env, "DHARMA_FAULT_CRASH_AFTER_SPAWN": "1"})
+    assert crashing.wait(timeout=60) == -9
+    assert not crashing.events("runner process started")
+    restarted = start_controller(controller_env, "--exit-when-idle")
+    assert restarted.wait(timeout=180) == 0
+    stopped = restarted.events("stopping a previous controller's runner", job_id=job_id)
+    assert len(stopped) == 1 and stopped[0]["attempt"] == 1
+    assert not process_alive(stopped[0]["pid"])
+    assert row(queue, job_id)[:2] == ("completed", 2)
+    failed = restarted.events("attempt failed", job_id=job_id, attempt=1)
+    assert failed and failed[0]["failure_reason"] == "controller_restarted"
+    assert [e["attempt"] for e in restarted.events("runner process started")] == [2]
 
 
 def test_crash_before_recording_records_once_on_restart(
