@@ -8,8 +8,13 @@ etcd processes, with KWOK simulating the nodes and each pod's fate
 
 The same tests run against any cluster: set ``DHARMA_TEST_KUBECONFIG`` to a
 kubeconfig (e.g. a kind cluster with real containers) and the local testbed is
-neither built nor started. Testbed-only abilities (restarting the API server,
-attaching log files to simulated pods) skip the calling test elsewhere.
+neither built nor started. Simulated pod fates need KWOK in that cluster too:
+its in-cluster deployment with the Stages of ``testbed/stages/`` and fake nodes
+from ``testbed/fake-nodes`` (``scripts/kind-e2e`` installs all three); pods that
+must get a simulated fate are placed on those nodes (``fake_node_placement``).
+Without fake nodes, tests that need fates skip. Testbed-only abilities
+(restarting the API server, attaching local log files to simulated pods) skip
+the calling test elsewhere.
 
 Environment:
     DHARMA_TEST_KUBECONFIG  use this cluster instead of the local testbed
@@ -20,6 +25,7 @@ Environment:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -46,6 +52,18 @@ TERMINATION_DELAY = "testbed.dharma/termination-delay"
 
 # Label on every namespace the fixtures create, so strays are easy to find.
 E2E_LABEL = "dharma-stream.test/e2e"
+
+# Nodes simulated by KWOK (testbed/fake-node.yaml): KWOK manages the nodes with this
+# annotation; pods select them by the label; on a cluster with real nodes they carry a
+# NoSchedule taint with the annotation's key, which only pods meant for them tolerate.
+FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+FAKE_NODE_LABEL = ("type", "kwok")
+FAKE_NODE_TAINT_KEY = "kwok.x-k8s.io/node"
+NO_FAKE_NODES = (
+    "needs simulated pod fates, but the cluster has no Ready KWOK fake node (annotation"
+    " kwok.x-k8s.io/node=fake, label type=kwok): install KWOK in it with the Stages of"
+    " testbed/stages/ and nodes from testbed/fake-nodes, as scripts/kind-e2e does"
+)
 
 _CRI_LINE = re.compile(r"^\S+ (stdout|stderr) [FP] ")
 
@@ -108,6 +126,38 @@ def _cri_log(lines: list[str]) -> str:
     )
 
 
+def fake_nodes(nodes: list[dict[str, Any]]) -> list[str]:
+    """Names of the Ready nodes that KWOK simulates, among ``nodes`` (API objects as dicts).
+
+    Why Ready: a fake node only turns and stays Ready while a KWOK controller plays it, so
+    this tells whether pods placed there will really get their simulated fates.
+    """
+    key, value = FAKE_NODE_ANNOTATION
+    label, label_value = FAKE_NODE_LABEL
+    names = []
+    for node in nodes:
+        meta = node.get("metadata") or {}
+        if (meta.get("annotations") or {}).get(key) != value:
+            continue
+        if (meta.get("labels") or {}).get(label) != label_value:
+            continue
+        conditions = (node.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            names.append(meta["name"])
+    return sorted(names)
+
+
+def fake_node_placement() -> dict[str, Any]:
+    """Pod spec fields that put a pod on a fake node: the node selector and a toleration
+    of the fake nodes' taint (present on clusters with real nodes, absent on the testbed,
+    where the toleration is simply unused)."""
+    label, label_value = FAKE_NODE_LABEL
+    return {
+        "nodeSelector": {label: label_value},
+        "tolerations": [{"key": FAKE_NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 @dataclass
 class Kube:
     """The cluster under test and what a test may do to it."""
@@ -116,8 +166,21 @@ class Kube:
     api_client: client.ApiClient
     is_testbed: bool
     log_dir: Path
+    #: Ready KWOK fake nodes (every node of the testbed; on another cluster, those of an
+    #: in-cluster KWOK): where pods get simulated fates.
+    fake_nodes: list[str] = field(default_factory=list)
     _log_files: int = field(default=0, repr=False)
     _deleted_namespaces: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def simulates_fates(self) -> bool:
+        """Whether pods placed with ``fake_node_placement`` get their testbed.dharma/* fates."""
+        return bool(self.fake_nodes)
+
+    def require_fates(self, what: str) -> None:
+        """Skip the calling test (``what`` it is) unless the cluster simulates pod fates."""
+        if not self.simulates_fates:
+            pytest.skip(f"{what} {NO_FAKE_NODES}")
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster and capture its output."""
@@ -135,7 +198,10 @@ class Kube:
         only the local testbed can do on demand; elsewhere the test is skipped.
         """
         if not self.is_testbed:
-            pytest.skip("restarting the API server needs the local testbed")
+            pytest.skip(
+                "restarting the API server needs the local testbed (scripts/testbed"
+                " restart-apiserver); another cluster's API server is not ours to restart"
+            )
         _testbed("restart-apiserver")
 
     def attach_logs(
@@ -150,7 +216,10 @@ class Kube:
         the local testbed reads local files; elsewhere the test is skipped.
         """
         if not self.is_testbed:
-            pytest.skip("attaching log files to pods needs the local testbed (KWOK)")
+            pytest.skip(
+                "attaching log files to simulated pods needs the local testbed: its KWOK"
+                " reads the files on this machine, an in-cluster KWOK cannot"
+            )
         path = Path(path).resolve()
         if not cri:
             self._log_files += 1
@@ -198,7 +267,13 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     if external:
         kubeconfig = Path(external)
         api_client = _api_client(kubeconfig)
-        cluster = Kube(kubeconfig, api_client, is_testbed=False, log_dir=log_dir)
+        cluster = Kube(
+            kubeconfig,
+            api_client,
+            is_testbed=False,
+            log_dir=log_dir,
+            fake_nodes=_list_fake_nodes(api_client),
+        )
         yield cluster
         _wait_namespaces_deleted(cluster)
         api_client.close()  # type: ignore[no-untyped-call]
@@ -208,11 +283,27 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     _testbed("up")
     kubeconfig = _testbed_kubeconfig()
     api_client = _api_client(kubeconfig)
-    cluster = Kube(kubeconfig, api_client, is_testbed=True, log_dir=log_dir)
+    cluster = Kube(
+        kubeconfig,
+        api_client,
+        is_testbed=True,
+        log_dir=log_dir,
+        fake_nodes=_list_fake_nodes(api_client),
+    )
+    assert cluster.fake_nodes, "the testbed's nodes are KWOK fake nodes (testbed/fake-nodes)"
     yield cluster
     _wait_namespaces_deleted(cluster)
     api_client.close()  # type: ignore[no-untyped-call]
     _testbed("release", str(os.getpid()))
+
+
+def _list_fake_nodes(api_client: client.ApiClient) -> list[str]:
+    """The cluster's Ready KWOK fake nodes (see ``fake_nodes``)."""
+    label, label_value = FAKE_NODE_LABEL
+    core: Any = client.CoreV1Api(api_client)  # Any: a raw response (_preload_content)
+    response = core.list_node(label_selector=f"{label}={label_value}", _preload_content=False)
+    nodes: list[dict[str, Any]] = json.loads(response.data)["items"]
+    return fake_nodes(nodes)
 
 
 def _namespace_name(test_name: str) -> str:

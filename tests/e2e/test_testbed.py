@@ -9,10 +9,14 @@ them. These tests pin that down, plus the testbed's own tools (pod fates,
 Each pod carries both a real command that produces the outcome on a cluster
 with containers (e.g. kind via DHARMA_TEST_KUBECONFIG) and the KWOK annotation
 that simulates the same outcome on the testbed, so the assertions hold on both.
+On kind these pods run on the real node (the fake nodes of its in-cluster KWOK
+are tainted); a test that needs KWOK itself places its pod on a fake node.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,10 +24,21 @@ from typing import Any
 
 import pytest
 import urllib3
+import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE, Kube, wait_until
+from tests.testbed import (
+    DELAY,
+    EXIT_CODE,
+    FATE,
+    MESSAGE,
+    REPO_ROOT,
+    Kube,
+    fake_node_placement,
+    fake_nodes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -60,9 +75,11 @@ def create_job(
     *,
     annotations: dict[str, str] | None = None,
     resources: dict[str, Any] | None = None,
+    pod: dict[str, Any] | None = None,
     **job_spec: Any,
 ) -> client.V1Job:
-    """Create a Job (no retries unless ``backoffLimit`` is given)."""
+    """Create a Job (no retries unless ``backoffLimit`` is given); ``pod``: more fields of
+    its pod spec."""
     body = client.V1Job.model_validate(
         {
             "apiVersion": "batch/v1",
@@ -73,7 +90,7 @@ def create_job(
                 **job_spec,
                 "template": {
                     "metadata": {"annotations": annotations or {}},
-                    "spec": pod_spec(command, resources=resources),
+                    "spec": pod_spec(command, resources=resources, **(pod or {})),
                 },
             },
         }
@@ -300,24 +317,25 @@ def test_kubectl_logs_returns_the_files_lines(
     lines = ["first line", "second: with punctuation", "third line"]
     script = "; ".join(f"echo '{line}'" for line in lines) + "; sleep 3600"
     create_pod(kube, kube_namespace, "talker", pod_spec(["sh", "-c", script]))
-    wait_until(
-        lambda: (
-            (read_pod(kube, kube_namespace, "talker").status or client.V1PodStatus()).phase
-            == "Running"
-        ),
-        what="pod Running",
-    )
+
+    def running() -> client.V1Pod | None:
+        pod = read_pod(kube, kube_namespace, "talker")
+        return pod if pod.status and pod.status.phase == "Running" else None
+
+    pod = wait_until(running, what="pod Running")
 
     def logs() -> list[str]:
         result = kube.kubectl("logs", "-n", kube_namespace, "talker", "-c", "main", check=False)
         return result.stdout.splitlines() if result.returncode == 0 else []
 
-    if kube.is_testbed:
-        # Without an attached file every container serves the default line.
-        assert "simulated by kwok" in wait_until(lambda: " ".join(logs()), what="default logs")
+    assert pod.spec is not None
+    if pod.spec.node_name in kube.fake_nodes:  # a simulated container has no output
+        if kube.is_testbed:
+            # Without an attached file every container serves the default line.
+            assert "simulated by kwok" in wait_until(lambda: " ".join(logs()), what="default logs")
         log_file = tmp_path / "talker.log"
         log_file.write_text("".join(f"{line}\n" for line in lines))
-        kube.attach_logs(kube_namespace, "talker", "main", log_file)
+        kube.attach_logs(kube_namespace, "talker", "main", log_file)  # skips off the testbed
 
     assert wait_until(lambda: logs() == lines and lines, what=f"kubectl logs == {lines}")
 
@@ -409,12 +427,17 @@ def test_watch_survives_an_api_server_restart(kube: Kube, kube_namespace: str) -
 def test_external_fate_the_test_writes_the_outcome(kube: Kube, kube_namespace: str) -> None:
     """A test can run the real program elsewhere and report its result as the pod's.
 
-    KWOK must leave a terminal status alone; the Job controller must act on it.
+    KWOK must leave a terminal status alone; the Job controller must act on it. On a real
+    node the kubelet owns the pod status, so the pod goes to a KWOK fake node.
     """
-    if not kube.is_testbed:
-        pytest.skip("on a real node the kubelet owns the pod status")
+    kube.require_fates("writing a pod's outcome from the test")
     create_job(
-        kube, kube_namespace, "outside", ["true"], annotations={FATE: "external", DELAY: "0s"}
+        kube,
+        kube_namespace,
+        "outside",
+        ["true"],
+        annotations={FATE: "external", DELAY: "0s"},
+        pod=fake_node_placement(),
     )
 
     def running() -> client.V1Pod | None:
@@ -547,3 +570,65 @@ def test_service_account_token_authenticates(kube: Kube, kube_namespace: str) ->
     assert review.status is not None
     assert review.status.user_info is not None
     assert review.status.user_info.username == f"system:serviceaccount:{kube_namespace}:robot"
+
+
+def test_a_pod_placed_on_the_fake_nodes_gets_its_simulated_fate(
+    kube: Kube, kube_namespace: str
+) -> None:
+    """What the controller's tests rely on anywhere (RUNNER_NODE_SELECTOR/_TOLERATIONS):
+    ``fake_node_placement`` puts a pod on a KWOK node, whose Stages play its fate (on kind
+    the real command would exit 0, so exit 3 proves the fate was simulated)."""
+    kube.require_fates("placing a pod on a fake node")
+    create_job(
+        kube,
+        kube_namespace,
+        "placed",
+        ["true"],
+        annotations={FATE: "fail", EXIT_CODE: "3", DELAY: "200ms"},
+        pod=fake_node_placement(),
+    )
+
+    wait_job_condition(kube, kube_namespace, "placed", "Failed")
+    [pod] = job_pods(kube, kube_namespace, "placed")
+    assert pod.spec is not None
+    assert pod.spec.node_name in kube.fake_nodes
+    assert terminated(pod).exit_code == 3
+
+
+def test_the_fake_node_manifest_is_what_fake_nodes_recognises(kube: Kube) -> None:
+    """testbed/fake-nodes renders the nodes scripts/testbed and scripts/kind-e2e create: the
+    API server accepts the tainted variant (kind's) as a new Node, and once Ready they are
+    exactly what the fixtures count as fake nodes."""
+    rendered = subprocess.run(
+        [str(REPO_ROOT / "testbed" / "fake-nodes"), "2", "--taint", "--kubelet-version", "v1.2.3"],
+        check=True,
+        text=True,
+        capture_output=True,
+    ).stdout
+    nodes: list[dict[str, Any]] = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    assert [n["metadata"]["name"] for n in nodes] == ["kwok-node-0", "kwok-node-1"]
+    for node in nodes:
+        assert node["spec"]["taints"] == [
+            {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+        ]
+        assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.2.3"
+        node["metadata"]["name"] = f"dry-run-{node['metadata']['name']}"
+        node["metadata"]["labels"]["kubernetes.io/hostname"] = node["metadata"]["name"]
+    created = subprocess.run(
+        ["kubectl", f"--kubeconfig={kube.kubeconfig}", "create", "--dry-run=server", "-o",
+         "name", "-f", "-"],
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}),
+        check=True,
+        text=True,
+        capture_output=True,
+    ).stdout.split()  # fmt: skip
+    assert created == ["node/dry-run-kwok-node-0", "node/dry-run-kwok-node-1"]
+
+    assert fake_nodes(nodes) == []  # not Ready: no KWOK plays them
+    ready = [{"type": "Ready", "status": "True"}]
+    for node in nodes:
+        node["status"]["conditions"] = ready
+    assert fake_nodes(nodes) == ["dry-run-kwok-node-0", "dry-run-kwok-node-1"]
+    del nodes[0]["metadata"]["annotations"]["kwok.x-k8s.io/node"]
+    nodes[1]["metadata"]["labels"]["type"] = "real"
+    assert fake_nodes(nodes) == []
