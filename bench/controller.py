@@ -19,6 +19,9 @@ What runs (nothing simulated except the pods' containers):
   time each Job is first seen (`metadata.creationTimestamp` and managedFields times have 1 s
   resolution), samples the controller's VmRSS, and waits until every row is completed.
 
+The set-up and tear-down of all this is `harness()`, shared with `bench.load` (a backlog of
+thousands of rows, or an hour-long soak).
+
 Phases: a trickle (`--trickle-rows` single-row INSERT transactions at `--trickle-rate` per
 second, far below the cap: the "under the cap" latency), then, once those Jobs exist, a
 burst (the remaining rows in `--batch`-row INSERT transactions, back to back: the cap binds,
@@ -47,7 +50,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,30 +262,43 @@ class ObjectWatch:
                     failures = 0
 
 
-class RssSampler:
-    """Samples the controller's VmRSS every `interval` seconds (and keeps the series)."""
+class Periodic:
+    """A daemon thread calling `tick()` every `interval` seconds until stopped."""
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self.pid = pid
+    def __init__(self, interval: float, name: str) -> None:
         self.interval = interval
-        self.samples: list[tuple[float, int]] = []
-        self.hwm_kib = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=70)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            values = read_rss_kib(self.pid)
-            if "VmRSS" in values:
-                self.samples.append((time.time(), values["VmRSS"]))
-                self.hwm_kib = max(self.hwm_kib, values.get("VmHWM", 0))
+            self.tick()
+
+
+class RssSampler(Periodic):
+    """Samples the controller's VmRSS every `interval` seconds (and keeps the series)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(interval, "bench-rss")
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self.hwm_kib = 0
+
+    def tick(self) -> None:
+        values = read_rss_kib(self.pid)
+        if "VmRSS" in values:
+            self.samples.append((time.time(), values["VmRSS"]))
+            self.hwm_kib = max(self.hwm_kib, values.get("VmHWM", 0))
 
     def max_mib(self) -> float:
         return max((kib for _, kib in self.samples), default=0) / 1024
@@ -384,22 +400,20 @@ def _service_account_kubeconfig(admin_kubeconfig: Path, status: dict[str, Any]) 
     return dumped
 
 
-class ApiRequestCounter:
+class ApiRequestCounter(Periodic):
     """The controller's API requests, from the API server's counter sampled every few
     seconds: a counter that went down means the API server restarted (other sessions share
     the testbed and their tests restart it), so the new value is added, not the delta."""
 
     def __init__(self, kubeconfig: Path, interval: float = 5.0) -> None:
+        super().__init__(interval, "bench-api")
         self._kubeconfig = kubeconfig
-        self._interval = interval
         self._last: float | None = None
         self.total = 0.0
         self.resets = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-api", daemon=True)
 
-    def sample(self) -> None:
+    def tick(self) -> None:
         try:
             value = prometheus_value(
                 apiserver_metrics(self._kubeconfig),
@@ -417,18 +431,13 @@ class ApiRequestCounter:
             self._last = value
 
     def start(self) -> None:
-        self.sample()
-        self._thread.start()
+        self.tick()
+        super().start()
 
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join(timeout=70)
-        self.sample()
+    def finish(self) -> float:
+        self.stop()
+        self.tick()
         return self.total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.sample()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -561,7 +570,192 @@ def http_get(url: str) -> tuple[int, str]:
         return int(code or 0), str(exc)
 
 
-def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], None]) -> Results:
+@dataclass
+class Stopped:
+    """What the run left behind, read once the controller has stopped."""
+
+    load_after: tuple[float, float, float]
+    metrics_status: int
+    controller_metrics: str
+    api_requests: float
+    api_resets: int
+    rss_hwm_kib: int
+    cpu_seconds: float
+    kcm_throttle: tuple[float, ...]
+    exit_code: int | None
+    listed_jobs: int
+    attempts_over_one: int
+    #: (job id, runner name, finished_at as epoch seconds) of every finished row
+    finished: list[tuple[int, str | None, float]]
+    jobs: dict[str, SeenJob]
+    late: set[str]
+    #: (Job name, stage) -> first seen (local clock; "row completed": the row's finished_at)
+    marks: dict[tuple[str, str], float]
+
+
+@dataclass
+class Harness:
+    """The testbed, database, namespace and ONE controller process of a benchmark run, with
+    this process's Job and pod watches, RSS sampler and API request counter running."""
+
+    kubeconfig: Path
+    batch: Any
+    ns: Namespace
+    db: Database
+    proc: subprocess.Popen[bytes]
+    watch: ObjectWatch
+    pod_watch: ObjectWatch
+    sampler: RssSampler
+    api_counter: ApiRequestCounter
+    metrics_port: int
+    log_path: Path
+    rss_idle_mib: float
+    kcm_before: tuple[float, float]
+    load_before: tuple[float, float, float]
+
+    def connect(self) -> Any:
+        """A connection to the run's database, one transaction per statement batch."""
+        conn = self.db.connect()
+        conn.autocommit = False
+        return conn
+
+    def jobs_for(self, ids: list[int]) -> bool:
+        keys = {j.key for j in self.watch.snapshot().values()}
+        return all((i, 1) in keys for i in ids)
+
+    def progress(self, counts: dict[str, int]) -> None:
+        print(f"  {time.strftime('%H:%M:%S')} rows {counts}, Jobs seen {len(self.watch.jobs)}",
+              file=sys.stderr)  # fmt: skip
+
+    def wait_drained(
+        self, conn: Any, timeout: float, every: float = 5.0
+    ) -> tuple[float | None, dict[str, int]]:
+        """Wait until no row is pending or processing: (time it happened or None, counts)."""
+        deadline = time.monotonic() + timeout
+        next_report = 0.0
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            counts = status_counts(conn)
+            if not _unfinished(counts):
+                return time.time(), counts
+            if self.proc.poll() is not None:
+                break
+            if time.monotonic() >= next_report:
+                self.progress(counts)
+                next_report = time.monotonic() + every
+            time.sleep(0.25)
+        return None, counts
+
+    def stop(self, conn: Any) -> Stopped:
+        """Read the controller's figures, stop it (SIGTERM), then read the database and the
+        Jobs it left; the watches stop last."""
+        load_after = os.getloadavg()
+        status, controller_metrics = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        api_requests = self.api_counter.finish()
+        hwm = max(read_rss_kib(self.proc.pid).get("VmHWM", 0), self.sampler.hwm_kib)
+        cpu = cpu_seconds(self.proc.pid)
+        kcm_after = kcm_throttle(self.kubeconfig)
+        self.sampler.stop()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            exit_code: int | None = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            exit_code = self.proc.wait(timeout=30)
+        time.sleep(1)  # let the watch deliver the last events before comparing with a list
+        listed = _list_all_jobs(self.batch, self.ns.name)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM dharma.stt_jobs WHERE attempts > 1")
+            over_one = int(cur.fetchone()[0])
+            cur.execute(
+                "SELECT id, runner_name, EXTRACT(EPOCH FROM finished_at)::float8"
+                " FROM dharma.stt_jobs WHERE finished_at IS NOT NULL"
+            )
+            finished = [(int(i), name, float(at)) for i, name, at in cur.fetchall()]
+        conn.commit()
+        self.watch.stop()
+        self.pod_watch.stop()
+        marks = {**self.watch.marks_snapshot(), **self.pod_watch.marks_snapshot()}
+        for _, name, at in finished:
+            if name is not None:
+                marks[(str(name), "row completed")] = at
+        return Stopped(
+            load_after=load_after, metrics_status=status, controller_metrics=controller_metrics,
+            api_requests=api_requests, api_resets=self.api_counter.resets, rss_hwm_kib=hwm,
+            cpu_seconds=cpu,
+            kcm_throttle=tuple(a - b for a, b in zip(kcm_after, self.kcm_before, strict=True)),
+            exit_code=exit_code, listed_jobs=len(listed), attempts_over_one=over_one,
+            finished=finished, jobs=self.watch.snapshot(), late=self.watch.late, marks=marks,
+        )  # fmt: skip
+
+
+def add_harness_arguments(parser: argparse.ArgumentParser, timeout: float = 900) -> None:
+    """The options every controller benchmark shares (see `harness`)."""
+    parser.add_argument("--cap", type=int, default=200, help="MAX_CONCURRENT_JOBS")
+    parser.add_argument(
+        "--pod-delay",
+        default="500ms",
+        help="KWOK: how long each simulated pod runs before it succeeds",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help="seconds to wait for the rows"
+    )
+    parser.add_argument(
+        "--cleanup-wait", type=float, default=60, help="seconds to wait for the namespace deletion"
+    )
+    parser.add_argument(
+        "--controller-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra controller setting (e.g. CLAIM_BATCH_SIZE=100); repeatable",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--keep-testbed",
+        action="store_true",
+        help="leave the testbed running even if this benchmark started it",
+    )
+
+
+def controller_env(
+    args: argparse.Namespace, db: Database, ns: Namespace, port: int
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
+    env.update(db.env())
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "EXECUTOR": "kubernetes",
+            "KUBECONFIG": str(ns.kubeconfig),
+            "NAMESPACE": ns.name,
+            "POD_NAME": f"bench-controller-{secrets.token_hex(3)}",
+            "METRICS_PORT": str(port),
+            "MAX_CONCURRENT_JOBS": str(args.cap),
+            "RUNNER_IMAGE": "registry.invalid/dharma/jobrunner:bench",
+            # Small requests so `cap` pods fit on KWOK's 3 nodes (8 CPU, 110 pods each).
+            "RUNNER_CPU_REQUEST": "10m",
+            "RUNNER_MEMORY_REQUEST": "16Mi",
+            "RUNNER_MEMORY_LIMIT": "256Mi",
+            "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
+            "RUNNER_POD_ANNOTATIONS": json.dumps(
+                {"testbed.dharma/fate": "succeed", "testbed.dharma/delay": args.pod_delay}
+            ),
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    for item in args.controller_env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env
+
+
+@contextlib.contextmanager
+def harness(
+    args: argparse.Namespace, workdir: Path, rss_interval: float = 0.25
+) -> Iterator[Harness]:
+    """Start everything (testbed session, PostgreSQL, namespace, watches, the controller, up
+    to its /readyz) and tear it all down on exit, whatever happened."""
     kubeconfig = Path(testbed("up").strip().rpartition("=")[2])
     api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     core: Any = client.CoreV1Api(api)
@@ -574,8 +768,7 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
     db: Database | None = None
     factory: DatabaseFactory | None = None
     proc: subprocess.Popen[bytes] | None = None
-    watch: ObjectWatch | None = None
-    pod_watch: ObjectWatch | None = None
+    watches: list[ObjectWatch] = []
     sampler: RssSampler | None = None
     try:
         server = PostgresServer()
@@ -585,38 +778,11 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
         ns.create(kubeconfig, workdir)
         print(f"namespace {ns.name}, database {db.name}, testbed kubeconfig {kubeconfig}",
               file=sys.stderr)  # fmt: skip
-        watch = ObjectWatch(batch.list_namespaced_job, ns.name)
-        watch.start()
-        pod_watch = ObjectWatch(core.list_namespaced_pod, ns.name)
-        pod_watch.start()
-
+        for list_fn in (batch.list_namespaced_job, core.list_namespaced_pod):
+            watches.append(ObjectWatch(list_fn, ns.name))
+            watches[-1].start()
         metrics_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
-        env.update(db.env())
-        env.update(
-            {
-                "PYTHONPATH": str(REPO),
-                "EXECUTOR": "kubernetes",
-                "KUBECONFIG": str(ns.kubeconfig),
-                "NAMESPACE": ns.name,
-                "POD_NAME": f"bench-controller-{secrets.token_hex(3)}",
-                "METRICS_PORT": str(metrics_port),
-                "MAX_CONCURRENT_JOBS": str(args.cap),
-                "RUNNER_IMAGE": "registry.invalid/dharma/jobrunner:bench",
-                # Small requests so `cap` pods fit on KWOK's 3 nodes (8 CPU, 110 pods each).
-                "RUNNER_CPU_REQUEST": "10m",
-                "RUNNER_MEMORY_REQUEST": "16Mi",
-                "RUNNER_MEMORY_LIMIT": "256Mi",
-                "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
-                "RUNNER_POD_ANNOTATIONS": json.dumps(
-                    {"testbed.dharma/fate": "succeed", "testbed.dharma/delay": args.pod_delay}
-                ),
-                "LOG_LEVEL": "INFO",
-            }
-        )
-        for item in args.controller_env:
-            name, _, value = item.partition("=")
-            env[name] = value
+        env = controller_env(args, db, ns, metrics_port)
         kcm_before = kcm_throttle(kubeconfig)
         api_counter = ApiRequestCounter(kubeconfig)
         api_counter.start()
@@ -626,19 +792,46 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
                 [sys.executable, "-m", "controller", "run", "--executor", "kubernetes"],
                 env=env, stdout=log, stderr=log, cwd=REPO,
             )  # fmt: skip
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(proc.pid, rss_interval)
         sampler.start()
         readyz = f"http://127.0.0.1:{metrics_port}/readyz"
-        wait_for(lambda: proc.poll() is not None or http_get(readyz)[0] == 200,
+        started = proc
+        wait_for(lambda: started.poll() is not None or http_get(readyz)[0] == 200,
                  "the controller to be ready", 120)  # fmt: skip
         if proc.poll() is not None:
             raise RuntimeError(f"the controller exited ({proc.returncode}); see {log_path}")
         time.sleep(1)
-        rss_idle = read_rss_kib(proc.pid).get("VmRSS", 0) / 1024
-        load_before = os.getloadavg()
+        yield Harness(
+            kubeconfig=kubeconfig, batch=batch, ns=ns, db=db, proc=proc, watch=watches[0],
+            pod_watch=watches[1], sampler=sampler, api_counter=api_counter,
+            metrics_port=metrics_port, log_path=log_path,
+            rss_idle_mib=read_rss_kib(proc.pid).get("VmRSS", 0) / 1024,
+            kcm_before=kcm_before, load_before=os.getloadavg(),
+        )  # fmt: skip
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for w in watches:
+            w.stop()
+        print("cleaning up: namespace, database, testbed session", file=sys.stderr)
+        if not ns.delete(wait=args.cleanup_wait):
+            print(f"  namespace {ns.name} still terminating; it will go on its own",
+                  file=sys.stderr)  # fmt: skip
+        if factory is not None and db is not None:
+            with contextlib.suppress(Exception):
+                factory.drop(db)
+        if server is not None:
+            server.close()
+        api.close()
+        testbed("release", str(os.getpid()), keep=args.keep_testbed)
 
-        conn = db.connect()
-        conn.autocommit = False
+
+def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], None]) -> Results:
+    with harness(args, workdir) as h:
+        conn = h.connect()
         inserted: dict[int, float] = {}
         trickle_n = min(args.trickle_rows, args.rows)
         print(f"trickle: {trickle_n} rows, one per INSERT, {args.trickle_rate}/s", file=sys.stderr)
@@ -652,11 +845,7 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
             trickle_ids += ids
             inserted.update(dict.fromkeys(ids, at))
 
-        def jobs_for(ids: list[int]) -> bool:
-            keys = {j.key for j in watch.snapshot().values()} if watch else set()
-            return all((i, 1) in keys for i in ids)
-
-        wait_for(lambda: jobs_for(trickle_ids), "the trickle's Jobs", 120)
+        wait_for(lambda: h.jobs_for(trickle_ids), "the trickle's Jobs", 120)
         # Start the burst with nothing in flight, so its first `cap` rows measure how fast
         # the controller creates Jobs when the cap is free.
         print("waiting for the trickle's rows to complete", file=sys.stderr)
@@ -671,90 +860,26 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
             burst_ids += ids
             inserted.update(dict.fromkeys(ids, at))
 
-        completed_at: float | None = None
-        deadline = time.monotonic() + args.timeout
-        next_report = 0.0
-        counts: dict[str, int] = {}
-        while time.monotonic() < deadline:
-            counts = status_counts(conn)
-            if not _unfinished(counts):
-                completed_at = time.time()
-                break
-            if proc.poll() is not None:
-                break
-            if time.monotonic() >= next_report:
-                print(f"  {time.strftime('%H:%M:%S')} rows {counts}, "
-                      f"Jobs seen {len(watch.jobs)}", file=sys.stderr)  # fmt: skip
-                next_report = time.monotonic() + 5
-            time.sleep(0.25)
-        load_after = os.getloadavg()
-
-        status, controller_metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
-        api_requests = api_counter.stop()
-        hwm = read_rss_kib(proc.pid).get("VmHWM", 0)
-        cpu = cpu_seconds(proc.pid)
-        kcm_after = kcm_throttle(kubeconfig)
-        sampler.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            exit_code: int | None = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            exit_code = proc.wait(timeout=30)
-        time.sleep(1)  # let the watch deliver the last events before comparing with a list
-        listed = _list_all_jobs(batch, ns.name)
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM dharma.stt_jobs WHERE attempts > 1")
-            over_one = int(cur.fetchone()[0])
-            cur.execute(
-                "SELECT runner_name, EXTRACT(EPOCH FROM finished_at)::float8"
-                " FROM dharma.stt_jobs WHERE finished_at IS NOT NULL AND runner_name IS NOT NULL"
-            )
-            finished = {str(name): float(at) for name, at in cur.fetchall()}
+        completed_at, counts = h.wait_drained(conn, args.timeout)
+        s = h.stop(conn)
         conn.close()
-        watch.stop()
-        pod_watch.stop()
-        marks = {**watch.marks_snapshot(), **pod_watch.marks_snapshot()}
-        for name, at in finished.items():
-            marks[(name, "row completed")] = at
         notes = []
-        if status != 200:
-            notes.append(f"controller /metrics unavailable ({status})")
+        if s.metrics_status != 200:
+            notes.append(f"controller /metrics unavailable ({s.metrics_status})")
         results = Results(
             rows=args.rows, cap=args.cap, trickle_ids=trickle_ids, burst_ids=burst_ids,
-            inserted=inserted, burst_start=burst_start, jobs=watch.snapshot(), late=watch.late,
-            listed_jobs=len(listed), statuses=counts, attempts_over_one=over_one,
-            completed_at=completed_at, rss_max_mib=sampler.max_mib(),
-            rss_hwm_mib=max(hwm, sampler.hwm_kib) / 1024, rss_idle_mib=rss_idle,
-            api_requests=api_requests, api_resets=api_counter.resets,
-            controller_metrics=controller_metrics,
-            load_before=load_before, load_after=load_after, controller_exit=exit_code,
-            cpu_seconds=cpu,
-            kcm_throttle=tuple(a - b for a, b in zip(kcm_after, kcm_before, strict=True)),
-            log_path=log_path, rss_samples=sampler.samples, marks=marks, notes=notes,
+            inserted=inserted, burst_start=burst_start, jobs=s.jobs, late=s.late,
+            listed_jobs=s.listed_jobs, statuses=counts, attempts_over_one=s.attempts_over_one,
+            completed_at=completed_at, rss_max_mib=h.sampler.max_mib(),
+            rss_hwm_mib=s.rss_hwm_kib / 1024, rss_idle_mib=h.rss_idle_mib,
+            api_requests=s.api_requests, api_resets=s.api_resets,
+            controller_metrics=s.controller_metrics,
+            load_before=h.load_before, load_after=s.load_after, controller_exit=s.exit_code,
+            cpu_seconds=s.cpu_seconds, kcm_throttle=s.kcm_throttle,
+            log_path=h.log_path, rss_samples=h.sampler.samples, marks=s.marks, notes=notes,
         )  # fmt: skip
         publish(results)  # before the clean-up, which may take a while
         return results
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        for w in (watch, pod_watch):
-            if w is not None:
-                w.stop()
-        print("cleaning up: namespace, database, testbed session", file=sys.stderr)
-        if not ns.delete(wait=args.cleanup_wait):
-            print(f"  namespace {ns.name} still terminating; it will go on its own",
-                  file=sys.stderr)  # fmt: skip
-        if factory is not None and db is not None:
-            with contextlib.suppress(Exception):
-                factory.drop(db)
-        if server is not None:
-            server.close()
-        api.close()
-        testbed("release", str(os.getpid()), keep=args.keep_testbed)
 
 
 def _list_all_jobs(batch: Any, namespace: str) -> list[Obj]:
@@ -775,15 +900,35 @@ def _list_all_jobs(batch: Any, namespace: str) -> list[Obj]:
 # ------------------------------------------------------------------------ report ---
 
 
-def report(r: Results) -> tuple[str, bool]:
-    """The table (figure beside its target) and whether every target was met."""
+def first_seen_and_duplicates(
+    jobs: dict[str, SeenJob],
+) -> tuple[dict[tuple[int, int], float], int]:
+    """When each (job id, attempt) first had a Job, and how many Jobs beyond one any
+    (job id, attempt) had (the contract: exactly one Job per attempt, so this must be 0)."""
     first_seen: dict[tuple[int, int], float] = {}
     per_key: Counter[tuple[int, int]] = Counter()
-    for job in r.jobs.values():
+    for job in jobs.values():
         if job.key is None:
             continue
         per_key[job.key] += 1
         first_seen[job.key] = min(job.seen, first_seen.get(job.key, math.inf))
+    return first_seen, sum(n - 1 for n in per_key.values() if n > 1)
+
+
+def format_table(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns; the first row is the header, underlined."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, row in enumerate(lines):
+        out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def report(r: Results) -> tuple[str, bool]:
+    """The table (figure beside its target) and whether every target was met."""
+    first_seen, duplicates = first_seen_and_duplicates(r.jobs)
     latency = {i: first_seen[(i, 1)] - t for i, t in r.inserted.items() if (i, 1) in first_seen}
     missing = len(r.inserted) - len(latency)
     trickle = [latency[i] for i in r.trickle_ids if i in latency]
@@ -800,7 +945,6 @@ def report(r: Results) -> tuple[str, bool]:
         peak = _peak_rate(burst_seen, 10.0)
     else:
         sustained = peak = math.nan
-    duplicates = sum(n - 1 for n in per_key.values() if n > 1)
     drain = (r.completed_at - r.burst_start) if r.completed_at else math.nan
     m = r.controller_metrics
     passes = prometheus_value(m, "dharma_reconcile_passes_total")
@@ -854,15 +998,11 @@ def report(r: Results) -> tuple[str, bool]:
         ("Controller passes / claims / launch errors / relists",
          f"{passes:.0f} / {claims:.0f} / {launch_errors:.0f} / {relists:.0f}", "", ""),
         ("Load average 1/5/15 min before -> after",
-         f"{_load(r.load_before)} -> {_load(r.load_after)} ({os.cpu_count()} CPUs)", "", ""),
+         f"{format_load(r.load_before)} -> {format_load(r.load_after)} "
+         f"({os.cpu_count()} CPUs)", "", ""),
     ]  # fmt: skip
     lines += _breakdown(r)
-    widths = [max(len(row[i]) for row in lines) for i in range(4)]
-    out = []
-    for n, row in enumerate(lines):
-        out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
+    out = format_table(lines)
     notes = list(r.notes)
     if missing:
         notes.append(f"{missing} rows have no Job seen by the watch")
@@ -910,7 +1050,7 @@ def _peak_rate(times: list[float], window: float) -> float:
     return best / window
 
 
-def _load(values: tuple[float, float, float]) -> str:
+def format_load(values: tuple[float, float, float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
 
@@ -920,7 +1060,6 @@ def main(argv: list[str] | None = None) -> int:
         description="rows -> Jobs benchmark of dharma-controller on the test control plane",
     )
     parser.add_argument("--rows", type=int, default=2000, help="rows enqueued in all")
-    parser.add_argument("--cap", type=int, default=200, help="MAX_CONCURRENT_JOBS")
     parser.add_argument(
         "--trickle-rows",
         type=int,
@@ -929,28 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trickle-rate", type=float, default=20.0, help="trickle rows per second")
     parser.add_argument("--batch", type=int, default=100, help="rows per INSERT in the burst")
-    parser.add_argument(
-        "--pod-delay",
-        default="500ms",
-        help="KWOK: how long each simulated pod runs before it succeeds",
-    )
-    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the rows")
-    parser.add_argument(
-        "--cleanup-wait", type=float, default=60, help="seconds to wait for the namespace deletion"
-    )
-    parser.add_argument(
-        "--controller-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra controller setting (e.g. CLAIM_BATCH_SIZE=100); repeatable",
-    )
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    parser.add_argument(
-        "--keep-testbed",
-        action="store_true",
-        help="leave the testbed running even if this benchmark started it",
-    )
+    add_harness_arguments(parser)
     args = parser.parse_args(argv)  # fmt: skip
     if args.rows < 1 or args.cap < 1 or args.trickle_rate <= 0:
         parser.error("--rows, --cap and --trickle-rate must be positive")

@@ -98,8 +98,17 @@ class KubernetesExecutor:
         )  # fmt: skip
         self.pods = Informer(
             "pods", self._core.list_namespaced_pod, trim=trim_pod, tombstones=True, index=_job_of,
-            on_relist=lambda: self._relisted("pods"), **common,  # type: ignore[arg-type]
+            keep_tombstone=self._job_alive, on_relist=lambda: self._relisted("pods"),
+            **common,  # type: ignore[arg-type]
         )  # fmt: skip
+
+    def _job_alive(self, pod: Obj) -> bool:
+        """Is the pod's Job still there and not being deleted? Only then does "its pod was
+        deleted" say something (the TTL controller deletes finished Jobs in the foreground:
+        the Job carries a deletionTimestamp while its pods go)."""
+        name = _job_of(pod)
+        job = self.jobs.get(name) if name else None
+        return job is not None and not job["metadata"].get("deletionTimestamp")
 
     def use_metrics(self, metrics: Metrics) -> None:
         self._metrics = metrics
