@@ -25,10 +25,11 @@ Two modes:
   for the drain. The timeline of RSS and connections over the whole run is the point here.
   A soak sets JOB_TTL_SECONDS=60 (`--job-ttl`): with the controller's default (7 days) every
   finished Job and pod of the hour would stay in its caches, and RSS would grow with them
-  (~5-8 KiB per Job) however sound the controller is. With a short TTL a Job leaves the
-  caches TTL + 10 min (the informer's tombstones) after it finished, so they level off after
-  about 11 minutes; the growth check starts after that, and what growth is left is the
-  controller's own. A soak shorter than ~25 minutes cannot show a steady state.
+  (~5-8 KiB per Job) however sound the controller is. With a short TTL a Job and its pods
+  leave the caches about a minute after it finished (a pod may linger as a tombstone for up
+  to 10 min when its deletion is seen before its Job's), so they level off; the growth check
+  starts after TTL + 11 min to be sure, and what growth is left is the controller's own. A
+  soak shorter than ~25 minutes cannot show a steady state.
 
 "Queued" is the local time just before a row's INSERT is sent; "Job created" is when this
 process's watch first saw the Job; "row completed" is the row's `finished_at` (PostgreSQL on
@@ -82,9 +83,10 @@ CONNECTIONS_QUERY = (
 )
 TIMELINE_LINES = 20
 #: A soak's JOB_TTL_SECONDS: finished Jobs (and their pods) are deleted a minute after they
-#: finish and leave the controller's caches TOMBSTONE_SECONDS (600) later, so the caches
-#: reach a steady state (~rate x 660 Jobs) after about 11 minutes and any growth left is the
-#: controller's own. With the default (7 days) every Job of the hour stays.
+#: finish and leave the controller's caches then (a pod whose deletion is seen before its
+#: Job's may linger as a tombstone for TOMBSTONE_SECONDS), so the caches reach a steady state
+#: within TTL + 11 minutes at most and any growth left is the controller's own. With the
+#: default (7 days) every Job of the hour stays.
 SOAK_JOB_TTL = 60
 #: Growth flagged when the last third's mean exceeds the first third's by more than this
 #: fraction and by more than GROWTH_MIN_MIB.
@@ -232,8 +234,8 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[LoadRun], No
 
 def warm_up(r: LoadRun, start: float, end: float) -> float:
     """Where the growth check starts: after 10 % of the run, or, when it comes before
-    mid-run, once the caches can have reached their steady state: the first Jobs have
-    finished, passed their TTL, and their tombstones have expired (`TOMBSTONE_SECONDS`)."""
+    mid-run, once the caches must have reached their steady state: the first Jobs have
+    finished, passed their TTL, and any pod tombstones have expired (`TOMBSTONE_SECONDS`)."""
     warm = start + 0.1 * (end - start)
     if r.job_ttl is not None:
         steady = start + r.job_ttl + TOMBSTONE_SECONDS + 60
