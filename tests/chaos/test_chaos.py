@@ -77,18 +77,38 @@ def private_pg() -> Iterator[tuple[PostgresServer, Database]]:
         server.close()
 
 
-def restart_postgres(pg: PostgresServer, crash: bool, pause: float) -> bool:
-    """Fast shutdown (SIGINT: every session ends) or crash (SIGKILL: crash recovery on
-    start), then start again. After a crash the postmaster's socket lock file is left behind
-    (PostgresServer.stop only removes postmaster.pid) and would make the next start fail, so
-    it is removed here, as an operator or an init system would after a crash."""
-    pg.stop(signal.SIGKILL if crash else signal.SIGINT)
-    if crash:
-        for leftover in pg.sockets.glob(f".s.PGSQL.{pg.port}*"):
-            leftover.unlink(missing_ok=True)
-    time.sleep(pause)
-    pg.start()
-    return True
+def restart_postgres(pg: PostgresServer, rng: random.Random, crash: bool) -> Callable[[], bool]:
+    """A fault: fast shutdown (SIGINT: every session ends) or crash (SIGKILL of every server
+    process: crash recovery on start; PostgresServer.stop clears the stale lock files), a
+    pause, then start again."""
+
+    def fault() -> bool:
+        pg.stop(signal.SIGKILL if crash else signal.SIGINT)
+        time.sleep(rng.uniform(0, 2))
+        pg.start()
+        return True
+
+    return fault
+
+
+class Controllers:
+    """The controller processes of one scenario, oldest first; the last is the live one.
+    `kill` SIGKILLs it and starts the next, as a Deployment (or systemd) would."""
+
+    def __init__(self, start: Start, env: Callable[[], dict[str, str]], rng: random.Random,
+                 first_env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self._start, self._env, self._rng = start, env, rng
+        self.all = [start(first_env if first_env is not None else env())]
+
+    def keep_alive(self) -> None:
+        if not self.all[-1].alive():
+            self.all.append(self._start(self._env()))
+
+    def kill(self) -> bool:
+        self.all[-1].kill()
+        time.sleep(self._rng.uniform(0, 1.5))
+        self.keep_alive()
+        return True
 
 
 class Sql:
@@ -366,28 +386,16 @@ def test_kubernetes_executor_under_chaos(
         "KUBE_WATCH_TIMEOUT_SECONDS": "10", "KUBE_API_TIMEOUT_SECONDS": "10",
     }  # fmt: skip
     tracker = JobTracker(kube_setup.kube.kubeconfig, kube_setup.namespace)
-    controller = [
-        start_controller({**base_env, "RUNNER_POD_ANNOTATIONS": pod_fate(rng, first=True)})
-    ]
-
-    def keep_alive() -> None:
-        if not controller[-1].alive():
-            controller.append(
-                start_controller({**base_env, "RUNNER_POD_ANNOTATIONS": pod_fate(rng)})
-            )
+    controllers = Controllers(
+        start_controller,
+        lambda: {**base_env, "RUNNER_POD_ANNOTATIONS": pod_fate(rng)},
+        rng,
+        first_env={**base_env, "RUNNER_POD_ANNOTATIONS": pod_fate(rng, first=True)},
+    )
 
     total = max(30, int(chaos.seconds))
     added = 0
     api_restarts_left = max(1, int(chaos.seconds // 60))
-
-    def kill_controller() -> bool:
-        controller[-1].kill()
-        time.sleep(rng.uniform(0, 1.5))
-        keep_alive()
-        return True
-
-    def restart_pg(crash: bool) -> Callable[[], bool]:
-        return lambda: restart_postgres(pg, crash, pause=rng.uniform(0, 2))
 
     def restart_apiserver() -> bool:
         nonlocal api_restarts_left
@@ -424,9 +432,9 @@ def test_kubernetes_executor_under_chaos(
         return fault
 
     faults: dict[str, tuple[float, Callable[[], bool]]] = {
-        "controller SIGKILL": (4, kill_controller),
-        "postgres fast restart": (1.5, restart_pg(crash=False)),
-        "postgres crash": (1.5, restart_pg(crash=True)),
+        "controller SIGKILL": (4, controllers.kill),
+        "postgres fast restart": (1.5, restart_postgres(pg, rng, crash=False)),
+        "postgres crash": (1.5, restart_postgres(pg, rng, crash=True)),
         "apiserver restart": (1, restart_apiserver),
         "job deleted": (3, delete("job")),
         "pod deleted": (2, delete("pod")),
@@ -448,7 +456,7 @@ def test_kubernetes_executor_under_chaos(
     print(f"faults stopped after {time.monotonic() - started:.0f} s; settling")
     # Bounded, and generous: a simulated attempt takes ~1 min when the testbed is shared
     # with a load test; each retry wave adds one.
-    settle(sql, timeout=480, keep_alive=keep_alive)
+    settle(sql, timeout=480, keep_alive=controllers.keep_alive)
     print(f"settled after {time.monotonic() - started:.0f} s")
     rows = sql.rows()
     check_rows(tally, rows)
@@ -481,20 +489,7 @@ def test_local_executor_under_chaos(
     real_model = MODELS / "ggml-tiny.en.bin"
     if real_model.exists():
         env["WHISPER_MODEL"] = str(real_model)
-    controller = [start_controller(env)]
-
-    def keep_alive() -> None:
-        if not controller[-1].alive():
-            controller.append(start_controller(env))
-
-    def kill_controller() -> bool:
-        controller[-1].kill()
-        time.sleep(rng.uniform(0, 1.5))
-        keep_alive()
-        return True
-
-    def restart_pg(crash: bool) -> Callable[[], bool]:
-        return lambda: restart_postgres(pg, crash, pause=rng.uniform(0, 2))
+    controllers = Controllers(start_controller, lambda: env, rng)
 
     def dav_fail() -> bool:
         dav.faults.fail(rng.randint(1, 3), status=rng.choice((500, 502, 503)))
@@ -505,9 +500,9 @@ def test_local_executor_under_chaos(
         return True
 
     faults: dict[str, tuple[float, Callable[[], bool]]] = {
-        "controller SIGKILL": (3, kill_controller),
-        "postgres fast restart": (1, restart_pg(crash=False)),
-        "postgres crash": (1, restart_pg(crash=True)),
+        "controller SIGKILL": (3, controllers.kill),
+        "postgres fast restart": (1, restart_postgres(pg, rng, crash=False)),
+        "postgres crash": (1, restart_postgres(pg, rng, crash=True)),
         "webdav fail": (2, dav_fail),
         "webdav stall": (2, dav_stall),
         "row cancelled": (1, lambda: sql.cancel_one(rng.choice)),
@@ -528,14 +523,14 @@ def test_local_executor_under_chaos(
         sql.add_jobs(total - added, source, max_attempts=6)
     dav.faults.clear()
 
-    settle(sql, timeout=300, keep_alive=keep_alive)
-    for proc in controller:
+    settle(sql, timeout=300, keep_alive=controllers.keep_alive)
+    for proc in controllers.all:
         if proc.alive():
             proc.stop(timeout=60)
     rows = sql.rows()
     check_rows(tally, rows)
     runners: dict[tuple[int, int], set[str]] = {}
-    for index, proc in enumerate(controller):
+    for index, proc in enumerate(controllers.all):
         for event in proc.events("runner process started"):
             token = (int(event["job_id"]), int(event["attempt"]))
             runners.setdefault(token, set()).add(f"{index}:{event['pid']}")
