@@ -53,7 +53,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -1072,20 +1072,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # fmt: skip
     if args.rows < 1 or args.cap < 1 or args.trickle_rate <= 0:
         parser.error("--rows, --cap and --trickle-rate must be positive")
-    with tempfile.TemporaryDirectory(prefix="dharma-bench-controller-") as tmp:
-        verdict: list[bool] = []
+    return run_and_publish("controller", args, run, report, _raw)
 
-        def publish(results: Results) -> None:
-            table, ok = report(results)
-            verdict.append(ok)
-            keep_log = Path(tempfile.gettempdir()) / "dharma-bench-controller.log"
-            with contextlib.suppress(OSError):
-                keep_log.write_bytes(results.log_path.read_bytes())
-                table = table.replace(str(results.log_path), str(keep_log))
-            print(table, flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(_raw(results), indent=1))
 
+class _Logged(Protocol):
+    log_path: Path
+
+
+R = TypeVar("R", bound=_Logged)
+
+
+def run_and_publish(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path, Callable[[R], None]], object],
+    report: Callable[[R], tuple[str, bool]],
+    raw: Callable[[R], dict[str, Any]],
+) -> int:
+    """Run a benchmark in a scratch directory and print its report as soon as it is ready
+    (before the clean-up, which may take a while), keeping the controller's log under
+    /tmp/dharma-bench-<name>.log and the raw figures in --json. Exit status 0 when the
+    report says every target was met."""
+    verdict: list[bool] = []
+
+    def publish(result: R) -> None:
+        table, ok = report(result)
+        verdict.append(ok)
+        keep_log = Path(tempfile.gettempdir()) / f"dharma-bench-{name}.log"
+        with contextlib.suppress(OSError):
+            keep_log.write_bytes(result.log_path.read_bytes())
+            table = table.replace(str(result.log_path), str(keep_log))
+        print(table, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(raw(result), indent=1))
+
+    with tempfile.TemporaryDirectory(prefix=f"dharma-bench-{name}-") as tmp:
         run(args, Path(tmp), publish)
     return 0 if verdict and verdict[0] else 1
 

@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +69,7 @@ from bench.controller import (
     harness,
     insert_rows,
     percentile,
+    run_and_publish,
     status_counts,
 )
 from controller.informer import TOMBSTONE_SECONDS
@@ -459,22 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         args.job_ttl = SOAK_JOB_TTL
     if args.job_ttl is not None:
         args.controller_env.append(f"JOB_TTL_SECONDS={args.job_ttl}")
-    verdict: list[bool] = []
-
-    def publish(result: LoadRun) -> None:
-        table, ok = report(result)
-        verdict.append(ok)
-        keep_log = Path(tempfile.gettempdir()) / "dharma-bench-load.log"
-        with contextlib.suppress(OSError):
-            keep_log.write_bytes(result.log_path.read_bytes())
-            table = table.replace(str(result.log_path), str(keep_log))
-        print(table, flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(_raw(result), indent=1))
-
-    with tempfile.TemporaryDirectory(prefix="dharma-bench-load-") as tmp:
-        run(args, Path(tmp), publish)
-    return 0 if verdict and verdict[0] else 1
+    return run_and_publish("load", args, run, report, _raw)
 
 
 if __name__ == "__main__":
