@@ -78,6 +78,8 @@ class _Runner:
     started: float
     started_at: dt.datetime
     memory_limit: int
+    #: With the pid, identifies the process across pid reuse (procfs.is_same_process).
+    start_time: int = 0
     #: Why we signalled it: "oom", "deadline", "delete", "shutdown", "orphan".
     killed_for: str | None = None
     term_sent: float | None = None
@@ -171,10 +173,11 @@ class LocalExecutor:
             return Launched(key, None, error=f"cannot start {command[0]}: {exc}")
         faults.crash_if(faults.CRASH_AFTER_SPAWN)
         stat = procfs.read_stat(popen.pid)
-        _write_pid_file(directory, popen.pid, stat.start_time if stat else 0)
+        start_time = stat.start_time if stat else 0
+        _write_pid_file(directory, popen.pid, start_time)
         runner = _Runner(
             key, name, popen.pid, directory, popen, time.monotonic(), _utcnow(),
-            self._memory_limit(spec),
+            self._memory_limit(spec), start_time,
         )  # fmt: skip
         with self._lock:
             self._runners[key] = runner
@@ -301,8 +304,7 @@ class LocalExecutor:
                 return False
         else:  # an orphan from a previous controller: no exit status to collect
             code = None
-            start = int(runner.directory.joinpath("pid").read_text().split()[1] or 0)
-            if runner.pid > 0 and procfs.is_same_process(runner.pid, start):
+            if runner.pid > 0 and procfs.is_same_process(runner.pid, runner.start_time):
                 return False
         # Stragglers of the group (an FFmpeg child) go with it.
         self._kill(runner, signal.SIGKILL)
@@ -374,7 +376,7 @@ class LocalExecutor:
             pid, start = self._orphan_pid(directory)
             runner = _Runner(
                 key, job_name(self._settings, key.job_id, key.attempt), pid, directory, None,
-                time.monotonic(), _utcnow(), 0, killed_for="orphan",
+                time.monotonic(), _utcnow(), 0, start, killed_for="orphan",
             )  # fmt: skip
             with log_context(job_id=key.job_id, attempt=key.attempt):
                 if pid and procfs.is_same_process(pid, start):
