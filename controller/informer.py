@@ -164,20 +164,17 @@ class Informer:
         now = time.monotonic()
         with self._lock:
             vanished = [o for n, o in self._items.items() if n not in fresh]
-        keep = {o["metadata"]["name"] for o in vanished if self._keep_tombstone(o)}
+        # Asked outside our lock: the predicate may read another informer. (Only this
+        # informer's own thread writes its items, so they cannot change in between.)
+        kept = [o for o in vanished if self._tombstones and self._keep_tombstone(o)]
         with self._lock:
-            if self._tombstones:
-                for name, obj in self._items.items():
-                    if name not in keep:
-                        continue
-                    if name not in fresh and not obj.get(DELETED_MARK):
-                        self._deleted_at[name] = now
-                        fresh[name] = {**obj, DELETED_MARK: True}
-                    elif (
-                        name not in fresh
-                        and now - self._deleted_at.get(name, now) < TOMBSTONE_SECONDS
-                    ):
-                        fresh[name] = obj
+            for obj in kept:
+                name = obj["metadata"]["name"]
+                if not obj.get(DELETED_MARK):
+                    self._deleted_at[name] = now
+                    fresh[name] = {**obj, DELETED_MARK: True}
+                elif now - self._deleted_at.get(name, now) < TOMBSTONE_SECONDS:
+                    fresh[name] = obj
             self._items = fresh
             self._index = {}
             for name, obj in fresh.items():

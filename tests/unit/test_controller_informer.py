@@ -1,8 +1,11 @@
-"""The informer's tombstone rule, through its watch-event handlers (no API server needed:
-the list function is never called)."""
+"""The informer's tombstone rule, through its watch-event handlers and its relist. No API
+server: the watch tests never call the list function; the relist test stands in for it
+with a function returning one list page as the API server would (raw JSON bytes)."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
 from typing import Any
 
 from controller.informer import Informer
@@ -13,12 +16,13 @@ def pod(name: str, job: str) -> dict[str, Any]:
     return {"metadata": {"name": name, "labels": {"job-name": job}}, "status": {}}
 
 
-def informer(alive_jobs: set[str]) -> Informer:
-    def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no API calls in this test")
+def never(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("no API calls in this test")
 
+
+def informer(alive_jobs: set[str], list_fn: Any = never) -> Informer:
     return Informer(
-        "pods", never, "ns", "", trim=lambda o: o, on_change=lambda: None,
+        "pods", list_fn, "ns", "", trim=lambda o: o, on_change=lambda: None,
         on_relist=lambda: None, api_timeout=1, watch_timeout=1, tombstones=True,
         index=lambda o: o["metadata"]["labels"]["job-name"],
         keep_tombstone=lambda o: o["metadata"]["labels"]["job-name"] in alive_jobs,
@@ -42,3 +46,21 @@ def test_pod_of_a_job_going_away_leaves_no_tombstone() -> None:
     cache._remove(pod("b-1", "job-b"))
     assert cache.get("b-1") is None
     assert cache.by_index("job-b") == []
+
+
+def test_relist_keeps_tombstones_only_for_pods_of_live_jobs() -> None:
+    """After a relist (API server restart, 410 Gone), pods missing from the list become
+    tombstones only when their Job still lives; the others are simply gone."""
+    page = {"metadata": {"resourceVersion": "7"}, "items": [pod("c-1", "job-c")]}
+
+    def list_pods(*args: Any, **kwargs: Any) -> Any:
+        return SimpleNamespace(data=json.dumps(page).encode())
+
+    cache = informer(alive_jobs={"job-a"}, list_fn=list_pods)
+    for name, job in (("a-1", "job-a"), ("b-1", "job-b"), ("c-1", "job-c")):
+        cache._store(pod(name, job))
+    assert cache._relist() == "7"
+    kept = cache.get("a-1")
+    assert kept is not None and kept[DELETED_MARK] is True
+    assert cache.get("b-1") is None
+    assert cache.get("c-1") == pod("c-1", "job-c")
