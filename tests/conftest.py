@@ -16,7 +16,7 @@ import pytest
 from tests.media import WEIGHTLESS_MODEL, make_media
 from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
 
-pytest_plugins = ["tests.controller_fixtures", "tests.testbed"]
+pytest_plugins = ["tests.controller_fixtures", "tests.testbed", "tests.images"]
 
 
 @pytest.fixture(scope="session")

@@ -306,6 +306,78 @@ def _list_fake_nodes(api_client: client.ApiClient) -> list[str]:
     return fake_nodes(nodes)
 
 
+@dataclass(frozen=True)
+class RealNode:
+    """The testbed's real kubelet node (``scripts/testbed node-info``): containers run
+    through containerd and runc, so outcomes (OOM kills, termination messages, logs) are the
+    kernel's and the kubelet's, not simulated.
+
+    Its pods reach services the test runs on 127.0.0.1 at ``host_address`` and the same
+    port, and the API server at the ``kubernetes`` Service (10.96.0.1:443). Only pods that
+    select its label and tolerate its taint (``placement``) land there. Images cannot be
+    pulled: use ``stress_image`` (static helpers: pause, sleep, echo, write, cat, exit,
+    alloc, http; ``testbed/node/helper.c``) or import one (``import_image``).
+    """
+
+    name: str
+    host_address: str
+    pod_cidr: str
+    containerd_address: str
+    label: tuple[str, str]
+    taint_key: str
+    stress_image: str
+
+    def placement(self) -> dict[str, Any]:
+        """Pod spec fields that put a pod on this node, and nowhere else."""
+        key, value = self.label
+        return {
+            "nodeSelector": {key: value},
+            "tolerations": [{"key": self.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+        }
+
+    def node_exec(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command in the node's network namespace (where pod IPs are reachable
+        and 10.96.0.1:443 is the API server, as from a pod), capturing its output."""
+        return subprocess.run(
+            [str(TESTBED), "node-exec", *command],
+            check=check,
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def import_image(self, tarball: Path) -> list[str]:
+        """Import a docker-archive/OCI tarball into the node's containerd (skipped if it
+        already has it); returns the image names."""
+        out = _testbed("node-import", str(tarball), capture=True).stdout
+        return out.split()
+
+
+@pytest.fixture(scope="session")
+def real_node(kube: Kube) -> RealNode:
+    """The testbed's real node; the calling tests skip, with the testbed's precise reason,
+    where it cannot run (no cgroup memory controller, no root, DHARMA_TESTBED_REAL_NODE=0,
+    ...) and on clusters other than the testbed."""
+    if not kube.is_testbed:
+        pytest.skip("needs the local testbed's real kubelet node (scripts/testbed node-info)")
+    info = json.loads(_testbed("node-info", capture=True).stdout)
+    if "skip" in info:
+        message = f"the testbed's real node is not running: {info['skip']}"
+        if os.environ.get("CI"):  # CI runs on a machine that can: a skip would hide a failure
+            pytest.fail(message)
+        pytest.skip(message)
+    key, _, value = info["label"].partition("=")
+    return RealNode(
+        name=info["name"],
+        host_address=info["hostAddress"],
+        pod_cidr=info["podCIDR"],
+        containerd_address=info["containerdAddress"],
+        label=(key, value),
+        taint_key=info["taint"],
+        stress_image=info["stressImage"],
+    )
+
+
 def _namespace_name(test_name: str) -> str:
     """A valid, unique namespace name that still says which test made it."""
     slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
