@@ -6,11 +6,16 @@ INSERT to Job created is the user-visible win; Jobs per second bounds how fast a
 drains; duplicates must be zero (one Job per attempt is the contract); RSS must stay small
 while the informer caches hold thousands of Jobs and pods.
 
-What runs (nothing simulated except the pods' containers):
+What runs (nothing simulated except the pods' containers and what they would write):
 
 * the testbed (`scripts/testbed up`: kube-apiserver, controller-manager's Job controller,
   scheduler, etcd, KWOK playing every pod as "succeed after --pod-delay"), registered as a
   session so no other session stops it under us, released at the end;
+* the runner's final fenced commit (`result_attempt`) for each of those pods once it runs,
+  which the controller requires before it records success and a simulated container cannot
+  make (`tests.simulated_runner.SimulatedCommits`): the runner's write, on a connection and
+  an API client of its own, so neither the controller's DB connections nor its API requests
+  count it;
 * a real PostgreSQL (tests/services.py) with a migrated database of its own;
 * ONE `dharma-controller run --executor kubernetes` process (`python -m controller`), running
   as a ServiceAccount with the Helm chart's Role, so its API requests are counted separately
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import psycopg2
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -62,6 +68,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from controller.jobspec import MANAGED_SELECTOR
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 from tests.services import Database, DatabaseFactory, PostgresServer, free_port
+from tests.simulated_runner import SimulatedCommits
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED = REPO / "scripts" / "testbed"
@@ -76,6 +83,12 @@ CONTROLLER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
 ]  # fmt: skip
 Obj = dict[str, Any]
+#: What the simulated runners wrote, for the reports' notes.
+RUNNER_COMMITS_NOTE = (
+    "runners' final commits (result_attempt): {} — simulated for KWOK's pods "
+    "(tests/simulated_runner.py) on a DB connection and API client of their own: the "
+    "runner's writes, in none of the controller's figures."
+)
 
 
 # ------------------------------------------------------------------------ small helpers ---
@@ -517,6 +530,8 @@ class Results:
     cpu_seconds: float
     #: kube-controller-manager's client-side rate limiter: (seconds waited, requests)
     kcm_throttle: tuple[float, ...]
+    #: The simulated runners' commits (their own writes, not the controller's)
+    runner_commits: int
     log_path: Path
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
     #: (Job name, stage) -> first seen (local clock; "row completed": the row's finished_at)
@@ -591,6 +606,9 @@ class Stopped:
     late: set[str]
     #: (Job name, stage) -> first seen (local clock; "row completed": the row's finished_at)
     marks: dict[tuple[str, str], float]
+    #: The simulated runners' commits that set result_attempt, and those fenced out
+    runner_commits: int = 0
+    runner_fenced: int = 0
 
 
 @dataclass
@@ -607,6 +625,7 @@ class Harness:
     pod_watch: ObjectWatch
     sampler: RssSampler
     api_counter: ApiRequestCounter
+    runners: SimulatedCommits
     metrics_port: int
     log_path: Path
     rss_idle_mib: float
@@ -673,6 +692,7 @@ class Harness:
             )
             finished = [(int(i), name, float(at)) for i, name, at in cur.fetchall()]
         conn.commit()
+        self.runners.stop()
         self.watch.stop()
         self.pod_watch.stop()
         marks = {**self.watch.marks_snapshot(), **self.pod_watch.marks_snapshot()}
@@ -686,6 +706,7 @@ class Harness:
             kcm_throttle=tuple(a - b for a, b in zip(kcm_after, self.kcm_before, strict=True)),
             exit_code=exit_code, listed_jobs=len(listed), attempts_over_one=over_one,
             finished=finished, jobs=self.watch.snapshot(), late=self.watch.late, marks=marks,
+            runner_commits=self.runners.committed, runner_fenced=self.runners.fenced,
         )  # fmt: skip
 
 
@@ -750,6 +771,25 @@ def controller_env(
     return env
 
 
+def simulated_runners(
+    kubeconfig: Path, namespace: str, db: Database
+) -> tuple[SimulatedCommits, Any]:
+    """The runners' final commits for the namespace's pods (see the module's docstring),
+    started, with the API client of their own that the caller closes after stopping them.
+    Their connection is named `bench-simulated-runner`, so the controller's connections
+    (`dharma-controller...`) are counted without it."""
+
+    def connect() -> Any:
+        return psycopg2.connect(**db.settings.connect_kwargs("bench-simulated-runner"))
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        return SimulatedCommits(api, namespace, connect).start(), api
+    except Exception:
+        api.close()
+        raise
+
+
 @contextlib.contextmanager
 def harness(
     args: argparse.Namespace, workdir: Path, rss_interval: float = 0.25
@@ -770,6 +810,8 @@ def harness(
     proc: subprocess.Popen[bytes] | None = None
     watches: list[ObjectWatch] = []
     sampler: RssSampler | None = None
+    runners: SimulatedCommits | None = None
+    runner_api: Any = None
     try:
         server = PostgresServer()
         server.start()
@@ -781,6 +823,7 @@ def harness(
         for list_fn in (batch.list_namespaced_job, core.list_namespaced_pod):
             watches.append(ObjectWatch(list_fn, ns.name))
             watches[-1].start()
+        runners, runner_api = simulated_runners(kubeconfig, ns.name, db)
         metrics_port = free_port()
         env = controller_env(args, db, ns, metrics_port)
         kcm_before = kcm_throttle(kubeconfig)
@@ -803,7 +846,7 @@ def harness(
         time.sleep(1)
         yield Harness(
             kubeconfig=kubeconfig, batch=batch, ns=ns, db=db, proc=proc, watch=watches[0],
-            pod_watch=watches[1], sampler=sampler, api_counter=api_counter,
+            pod_watch=watches[1], sampler=sampler, api_counter=api_counter, runners=runners,
             metrics_port=metrics_port, log_path=log_path,
             rss_idle_mib=read_rss_kib(proc.pid).get("VmRSS", 0) / 1024,
             kcm_before=kcm_before, load_before=os.getloadavg(),
@@ -816,6 +859,10 @@ def harness(
             proc.wait(timeout=30)
         for w in watches:
             w.stop()
+        if runners is not None:
+            runners.stop()
+        if runner_api is not None:
+            runner_api.close()
         print("cleaning up: namespace, database, testbed session", file=sys.stderr)
         if not ns.delete(wait=args.cleanup_wait):
             print(f"  namespace {ns.name} still terminating; it will go on its own",
@@ -876,6 +923,7 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[Results], No
             controller_metrics=s.controller_metrics,
             load_before=h.load_before, load_after=s.load_after, controller_exit=s.exit_code,
             cpu_seconds=s.cpu_seconds, kcm_throttle=s.kcm_throttle,
+            runner_commits=s.runner_commits,
             log_path=h.log_path, rss_samples=h.sampler.samples, marks=s.marks, notes=notes,
         )  # fmt: skip
         publish(results)  # before the clean-up, which may take a while
@@ -1017,6 +1065,7 @@ def report(r: Results) -> tuple[str, bool]:
                  f"{{flow_schema={SA_FLOW_SCHEMA!r}}} delta (the controller's ServiceAccount)"
                  f" = {r.api_requests:.0f}, watches and lists included; API server restarts "
                  f"during the run (other sessions' tests): {r.api_resets}.")  # fmt: skip
+    notes.append(RUNNER_COMMITS_NOTE.format(r.runner_commits))
     notes.append(f"controller log: {r.log_path}")
     out += ["", *(f"note: {n}" for n in notes)]
     return "\n".join(out), ok_p99 and ok_rate and ok_rss and ok_dup and ok_done

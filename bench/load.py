@@ -10,9 +10,11 @@ run against the first third, after a warm-up of 10 %), API requests per Job, and
 Jobs (must be 0).
 
 What runs is `bench.controller`'s harness, unchanged: the shared testbed as a session of this
-process (KWOK pods "succeed after --pod-delay"), a real PostgreSQL with its own migrated
-database, and ONE `dharma-controller run --executor kubernetes` as the Helm chart's
-ServiceAccount, `MAX_CONCURRENT_JOBS=--cap` (200).
+process (KWOK pods "succeed after --pod-delay", each with the runner's final commit played
+for it by `tests.simulated_runner`, on a connection of its own: not counted below as the
+controller's), a real PostgreSQL with its own migrated database, and ONE
+`dharma-controller run --executor kubernetes` as the Helm chart's ServiceAccount,
+`MAX_CONCURRENT_JOBS=--cap` (200).
 
 Two modes:
 
@@ -58,6 +60,7 @@ from typing import Any
 import psycopg2
 
 from bench.controller import (
+    RUNNER_COMMITS_NOTE,
     SA_FLOW_SCHEMA,
     Harness,
     Periodic,
@@ -419,6 +422,7 @@ def _notes(r: LoadRun) -> list[str]:
         f"60 s when longer and before mid-run); flagged above +{GROWTH_FRACTION:.0%} and "
         f"+{GROWTH_MIN_MIB:g} MiB."
     )
+    notes.append(RUNNER_COMMITS_NOTE.format(s.runner_commits))
     notes.append(f"controller log: {r.log_path}")
     return notes
 

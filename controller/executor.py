@@ -21,13 +21,16 @@ class Launched:
     """The result of launching one attempt: its runner's name, or why it did not start.
 
     `invalid` means the request itself was rejected (a bad spec, a forbidden namespace) and
-    repeating it cannot help; other errors are retried until PENDING_TIMEOUT_SECONDS.
+    repeating it cannot help; `foreign` means a runner with this attempt's name exists but
+    is not this attempt's (its labels differ), so the attempt fails at once (retried: the next
+    attempt has another name); other errors are retried until PENDING_TIMEOUT_SECONDS.
     """
 
     key: RunnerKey
     runner_name: str | None
     error: str | None = None
     invalid: bool = False
+    foreign: bool = False
 
 
 class Executor(Protocol):
@@ -42,6 +45,10 @@ class Executor(Protocol):
 
     def synced(self) -> bool:
         """True once the executor's view is complete (a watch cache has listed)."""
+
+    def problems(self) -> list[str]:
+        """Why the executor's view is no longer maintained (a background thread died); the
+        probes fail with these reasons."""
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
         """Start these attempts (idempotent per key)."""

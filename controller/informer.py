@@ -31,6 +31,8 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from controller.kubestate import DELETED_MARK
+from controller.threads import WatchedThread
+from dharma_common.errors import first_line
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -83,7 +85,7 @@ class Informer:
         self._stop = threading.Event()
         self._response: Any = None
         self.synced = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"watch-{resource}", daemon=True)
+        self._thread = WatchedThread(self._run, f"watch-{resource}")
 
     # ------------------------------------------------------------------ reading ---
 
@@ -115,7 +117,11 @@ class Informer:
         if response is not None:
             with contextlib.suppress(Exception):  # best effort to unblock a blocked read
                 response.shutdown()
-        self._thread.join(timeout=5)
+        self._thread.stop(timeout=5)
+
+    def problem(self) -> str | None:
+        """Why this cache no longer follows the API server (its thread died), else None."""
+        return self._thread.problem()
 
     def _run(self) -> None:
         backoff = 0.2
@@ -132,7 +138,7 @@ class Informer:
                     return
                 log.warning(
                     "watch connection lost; relisting",
-                    extra={"resource": self.resource, "error": str(exc).splitlines()[0][:300],
+                    extra={"resource": self.resource, "error": first_line(exc),
                            "retry_in_seconds": backoff},
                 )  # fmt: skip
                 self._stop.wait(backoff)

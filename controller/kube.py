@@ -24,11 +24,12 @@ from kubernetes.config.config_exception import ConfigException
 from controller.executor import Launched
 from controller.informer import Informer
 from controller.jobspec import MANAGED_SELECTOR, LaunchSpec, build_job, job_name
-from controller.kubestate import is_finished, observe_job, trim_job, trim_pod
+from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
 from controller.metrics import Metrics
 from controller.model import NOT_FOUND, Observation, Phase, RunnerKey
 from controller.settings import ControllerSettings
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.errors import first_line
 from dharma_common.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class KubernetesExecutor:
     def synced(self) -> bool:
         return self.jobs.synced.is_set() and self.pods.synced.is_set()
 
+    def problems(self) -> list[str]:
+        return [p for p in (self.jobs.problem(), self.pods.problem()) if p]
+
     def shutdown(self) -> None:
         """Stop watching. Running Jobs are left alone: the next leader adopts them."""
         self.jobs.stop()
@@ -153,13 +157,33 @@ class KubernetesExecutor:
             self.jobs.put(json.loads(response.data))
             return Launched(key, name)
         except ApiException as exc:
-            if exc.status == 409:  # AlreadyExists: this attempt was launched before
-                return Launched(key, name)
+            if exc.status == 409:  # AlreadyExists: launched before, if the labels say so
+                return self._existing(key, name)
             invalid = exc.status in (400, 422)
             return Launched(key, None, error=f"creating Job {name}: {_status_reason(exc)}",
                             invalid=invalid)  # fmt: skip
         except Exception as exc:  # connection errors: retried on the next pass
             return Launched(key, None, error=f"creating Job {name}: {type(exc).__name__}: {exc}")
+
+    def _existing(self, key: RunnerKey, name: str) -> Launched:
+        """The Job with this attempt's name already exists: ours from before a crash or from
+        the previous leader (adopt it), or a Job this attempt must not take as its own."""
+        try:
+            response = self._batch.read_namespaced_job(
+                name, self._settings.NAMESPACE, _preload_content=False,
+                _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+            )  # fmt: skip
+            job = json.loads(response.data)
+        except ApiException as exc:  # e.g. deleted in between: try again on the next pass
+            return Launched(key, None, error=f"reading existing Job {name}: {_status_reason(exc)}")
+        except Exception as exc:
+            return Launched(key, None, error=f"reading existing Job {name}: {first_line(exc)}")
+        wrong = foreign_labels(job, key)
+        if wrong:
+            error = f"Job {name} already exists but is not this attempt's ({wrong})"
+            return Launched(key, None, error=error, foreign=True)
+        self.jobs.put(job)
+        return Launched(key, name)
 
     # ------------------------------------------------------------------ observing ---
 
@@ -169,8 +193,8 @@ class KubernetesExecutor:
     def observe(self, key: RunnerKey) -> Observation:
         name = job_name(self._settings, key.job_id, key.attempt)
         job = self.jobs.get(name)
-        if job is None:
-            return NOT_FOUND
+        if job is None or foreign_labels(job, key):
+            return NOT_FOUND  # a Job of that name that is not this attempt's says nothing
         return observe_job(job, self._pods_of(name))
 
     def verify_gone(self, key: RunnerKey, runner_name: str) -> Observation:
@@ -188,6 +212,8 @@ class KubernetesExecutor:
             log.warning("cannot confirm a Job", extra={"error": str(exc)[:300]})
             return NOT_FOUND
         job = json.loads(response.data)
+        if foreign_labels(job, key):  # ours was replaced by a Job that is not this attempt's
+            return Observation(Phase.DELETED, runner_name=runner_name, deleted_kind="Job")
         self.jobs.put(job)
         return observe_job(trim_job(job), self._pods_of(runner_name))
 

@@ -19,8 +19,9 @@ from controller.model import (
     REASON_UNSCHEDULABLE,
     Observation,
     Phase,
+    RunnerKey,
 )
-from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_MANAGED_BY, MANAGED_BY
 
 #: Set by the pod cache on a pod that was deleted (a tombstone), so "deleted externally"
 #: can still be told after the object is gone.
@@ -61,6 +62,35 @@ def _was_deleted(pod: Obj) -> bool:
 
 def _disrupted(pod: Obj) -> bool:
     return "DisruptionTarget" in _true_conditions(pod)
+
+
+def foreign_labels(job: Obj, key: RunnerKey) -> str | None:
+    """Which of the labels that make a Job this attempt's runner differ (job id, attempt,
+    managed-by), as "label=value, ..."; None if it is ours. A Job with the deterministic
+    name is not necessarily ours (a restored database reuses ids, someone else's Job), and
+    adopting it would record its outcome as this attempt's."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    expected = {LABEL_JOB_ID: str(key.job_id), LABEL_ATTEMPT: str(key.attempt),
+                LABEL_MANAGED_BY: MANAGED_BY}  # fmt: skip
+    wrong = [f"{name}={labels.get(name, '<unset>')}"
+             for name, value in expected.items() if labels.get(name) != value]  # fmt: skip
+    return ", ".join(wrong) or None
+
+
+def _disrupted_at(pod: Obj) -> dt.datetime | None:
+    """When a disrupted pod was disrupted: its DisruptionTarget condition's transition,
+    else the latest time the pod reports (container end, deletion)."""
+    condition = _true_conditions(pod).get("DisruptionTarget") or {}
+    terminated = (_container_status(pod).get("state") or {}).get("terminated") or {}
+    for value in (
+        condition.get("lastTransitionTime"),
+        terminated.get("finishedAt"),
+        (pod.get("metadata") or {}).get("deletionTimestamp"),
+    ):
+        moment = parse_time(value)
+        if moment is not None:
+            return moment
+    return None
 
 
 def current_pod(pods: list[Obj]) -> Obj | None:
@@ -151,7 +181,18 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
             Phase.RUNNING, runner_name=base.runner_name,
             since=parse_time(status.get("startTime")),
         )  # fmt: skip
-    # Pending (or a disrupted pod awaiting its replacement): why is it not running?
+    if _disrupted(pod):
+        # Drained, evicted or preempted, and the Job's replacement pod not seen yet. The
+        # pending clock starts at the disruption, not at this pod's creation (hours ago for
+        # a long run: "still Pending after 7200 s" would delete a healthy Job).
+        return Observation(
+            Phase.PENDING, runner_name=base.runner_name, since=_disrupted_at(pod) or base.since,
+            image=base.image, waiting_reason="AwaitingReplacement",
+            message=f"pod {(pod.get('metadata') or {}).get('name')} was disrupted "
+            f"({_true_conditions(pod)['DisruptionTarget'].get('reason') or 'no reason given'}); "
+            "waiting for the Job to replace it",
+        )  # fmt: skip
+    # Pending: why is it not running?
     since = parse_time((pod.get("metadata") or {}).get("creationTimestamp")) or base.since
     waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
     reason, message = waiting.get("reason"), waiting.get("message")
@@ -175,7 +216,7 @@ def is_finished(job: Obj) -> bool:
 
 
 #: The labels the executor reads: a Job's fencing token, a pod's Job (kube.py).
-_JOB_LABELS = (LABEL_JOB_ID, LABEL_ATTEMPT)
+_JOB_LABELS = (LABEL_JOB_ID, LABEL_ATTEMPT, LABEL_MANAGED_BY)
 _POD_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 
 
@@ -192,8 +233,13 @@ def _trim_meta(meta: Obj, labels: tuple[str, ...]) -> Obj:
     return trimmed
 
 
+_CONDITION_KEYS = ("type", "status", "reason", "message")
+#: A disruption's time starts the wait for the replacement pod (observe_job).
+_DISRUPTION_KEYS = (*_CONDITION_KEYS, "lastTransitionTime")
+
+
 def _trim_conditions(status: Obj) -> list[Obj]:
-    return [_pick(c, ("type", "status", "reason", "message"))
+    return [_pick(c, _DISRUPTION_KEYS if c.get("type") == "DisruptionTarget" else _CONDITION_KEYS)
             for c in status.get("conditions") or []]  # fmt: skip
 
 

@@ -26,6 +26,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller.settings import ControllerSettings
+from controller.threads import WatchedThread
+from dharma_common.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class LeaseElector:
         self._observed_at = 0.0
         self._stop = threading.Event()
         self._wake: Callable[[], None] = lambda: None
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._thread = WatchedThread(self._run, "lease")
         self._was_leader = False
 
     def start(self, wake: Callable[[], None]) -> None:
@@ -60,10 +62,14 @@ class LeaseElector:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.stop(timeout=5)
         if self.is_leader():
             self._release()
         self._valid_until = 0.0
+
+    def problem(self) -> str | None:
+        """Why leadership is no longer being renewed (the lease thread died), else None."""
+        return self._thread.problem()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -71,7 +77,7 @@ class LeaseElector:
             try:
                 won = self._try()
             except Exception as exc:  # API unreachable: keep the lease only while valid
-                log.warning("lease renewal failed", extra={"error": str(exc).splitlines()[0][:300]})
+                log.warning("lease renewal failed", extra={"error": first_line(exc)})
                 won = False
             if won:
                 self._valid_until = started + self._duration * 2 / 3
@@ -167,4 +173,4 @@ class LeaseElector:
             self._replace(body)
             log.info("lease released", extra={"lease": self._name})
         except Exception as exc:
-            log.warning("lease not released", extra={"error": str(exc).splitlines()[0][:300]})
+            log.warning("lease not released", extra={"error": first_line(exc)})

@@ -21,6 +21,8 @@ from typing import Any
 
 import psycopg2
 
+from controller.threads import WatchedThread
+from dharma_common.errors import first_line
 from dharma_common.settings import DatabaseSettings
 
 CHANNEL = "dharma_stt_jobs"
@@ -42,7 +44,7 @@ class Listener:
         self._application_name = application_name
         self._max_backoff = max_backoff
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="listen", daemon=True)
+        self._thread = WatchedThread(self._run, "listen")
         self.connected = threading.Event()
         self.notifications = 0
 
@@ -51,7 +53,11 @@ class Listener:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.stop(timeout=5)
+
+    def problem(self) -> str | None:
+        """Why notifications no longer arrive (the LISTEN thread died), else None."""
+        return self._thread.problem()
 
     def _run(self) -> None:
         backoff = 0.2
@@ -69,10 +75,9 @@ class Listener:
                 self._listen(conn)
             except psycopg2.Error as exc:
                 self.connected.clear()
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 log.warning(
                     "LISTEN connection lost; reconnecting",
-                    extra={"error": first, "retry_in_seconds": round(backoff, 2)},
+                    extra={"error": first_line(exc), "retry_in_seconds": round(backoff, 2)},
                 )
                 self._stop.wait(backoff)
                 backoff = min(self._max_backoff, backoff * 2)

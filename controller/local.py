@@ -55,6 +55,7 @@ from controller.model import (
 )
 from controller.quantity import format_bytes, parse_bytes
 from controller.settings import ControllerSettings
+from controller.threads import WatchedThread
 from dharma_common.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class LocalExecutor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake: Callable[[], None] = lambda: None
-        self._thread = threading.Thread(target=self._monitor, name="local-runners", daemon=True)
+        self._thread = WatchedThread(self._monitor, "local-runners")
 
     # ------------------------------------------------------------------ lifecycle ---
 
@@ -122,12 +123,15 @@ class LocalExecutor:
     def synced(self) -> bool:
         return True
 
+    def problems(self) -> list[str]:
+        problem = self._thread.problem()
+        return [problem] if problem else []
+
     def shutdown(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL after the grace) and the monitor. Their
         outcomes stay available for one last recording pass."""
         self._stop.set()  # this thread takes over the monitoring from here
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._thread.stop(timeout=5)
         with self._lock:
             running = [r for r in self._runners.values() if r.outcome is None]
         for runner in running:

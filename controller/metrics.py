@@ -3,16 +3,18 @@ controllers in one interpreter), and the HTTP endpoint that serves them with the
 
 Endpoints on METRICS_PORT:
 - `/metrics`: the Prometheus text format;
-- `/healthz`: 200 while the service loop is alive (it completed a loop turn recently), else
-  503 — the liveness probe restarts a wedged process;
-- `/readyz`: 200 once the executor has synced and the database answered the last pass, else
-  503 with the reason.
+- `/healthz`: 200 while the service loop is alive (it completed a loop turn recently) and
+  every background thread it depends on (watches, lease, LISTEN) is running, else 503 with
+  the reason — the liveness probe restarts a wedged process or one with a dead thread;
+- `/readyz`: 200 once the executor has synced and the database answered the last pass, and
+  while /healthz is 200, else 503 with the reason.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -87,12 +89,32 @@ class Health:
         self.liveness_window = liveness_window
         self._beat = time.monotonic()
         self.not_ready: str | None = "starting"
+        self._checks: list[Callable[[], str | None]] = []
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """Something the loop depends on that can fail on its own (a background thread):
+        `check()` returns why it is broken, or None."""
+        self._checks.append(check)
 
     def beat(self) -> None:
         self._beat = time.monotonic()
 
     def alive(self) -> bool:
-        return time.monotonic() - self._beat < self.liveness_window
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why the process should be restarted (liveness), or None."""
+        if time.monotonic() - self._beat >= self.liveness_window:
+            return "service loop stalled"
+        for check in self._checks:
+            why = check()
+            if why:
+                return why
+        return None
+
+    def unready(self) -> str | None:
+        """Why this replica is not ready, or None."""
+        return self.problem() or self.not_ready
 
 
 class ProbeServer:
@@ -107,10 +129,10 @@ class ProbeServer:
                 if path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    ok = health.alive()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"service loop stalled\n")
+                    why = health.problem()
+                    self._send(503 if why else 200, f"{why or 'ok'}\n".encode())
                 elif path == "/readyz":
-                    why = health.not_ready
+                    why = health.unready()
                     self._send(503 if why else 200, f"{why or 'ok'}\n".encode())
                 else:
                     self._send(404, b"not found\n")

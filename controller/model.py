@@ -71,6 +71,8 @@ REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_CONTROLLER_RESTARTED = "ControllerRestarted"
 #: The executor could not create the runner and retrying the same spec cannot help.
 REASON_INVALID = "Invalid"
+#: A runner with this attempt's name exists but belongs to something else: never adopted.
+REASON_FOREIGN = "Foreign"
 
 
 @dataclass(frozen=True)

@@ -69,16 +69,22 @@ SET runner_name = %(runner_name)s
 WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
 
 -- name: record_success
+-- Only over the runner's committed result (its final fenced transaction sets result_attempt):
+-- a runner that merely exited 0 proves nothing.
 UPDATE dharma.stt_jobs
 SET status = 'completed', finished_at = now(), progress = 1,
     error_message = NULL, failure_reason = NULL
-WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
+WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing'
+  AND result_attempt = %(attempt)s;
 
 -- name: record_failure
+-- Never over a committed result: the pass may have read the row just before the runner
+-- committed and exited; the next pass records the success.
 UPDATE dharma.stt_jobs
 SET status = 'failed', finished_at = now(),
     error_message = %(message)s, failure_reason = %(reason)s
-WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
+WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing'
+  AND result_attempt IS DISTINCT FROM %(attempt)s;
 
 -- name: record_retry
 -- Back to pending (the trigger's NOTIFY wakes every controller; the row is claimable once
@@ -88,7 +94,8 @@ SET status = 'pending',
     run_after = now() + make_interval(secs => %(delay)s),
     error_message = %(message)s, failure_reason = %(reason)s,
     memory_limit = COALESCE(%(memory_limit)s, memory_limit)
-WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing';
+WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing'
+  AND result_attempt IS DISTINCT FROM %(attempt)s;
 
 -- name: queue_depth
 SELECT status, count(*) FROM dharma.stt_jobs GROUP BY status;

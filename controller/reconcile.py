@@ -8,12 +8,15 @@ retry (back to `pending` after a backoff) or a final `failed`.
 
 Rules, in order:
 
-1. No runner observed: launch it if none was recorded; if one was recorded (`runner_name`)
+1. No runner observed: launch it if none was recorded (failing at once if a runner of that
+   name exists but its labels say it is not this attempt's); if one was recorded (`runner_name`)
    ask the executor to confirm it is really gone — then it was deleted externally, which is
    reported, never silently relaunched.
 2. `result_attempt == attempts`: the runner committed its results in its final fenced
-   transaction, so the attempt succeeded, whatever the pod did afterwards.
-3. A finished runner is classified: exit 0 = success; OOM kill (retried with a larger
+   transaction, so the attempt succeeded, whatever the pod did afterwards. This is the
+   only way to success.
+3. A finished runner is classified: exit 0 without the commit is a temporary failure (a Job
+   left from a restored database, or not ours, proves nothing); OOM kill (retried with a larger
    memory limit up to RUNNER_MEMORY_LIMIT_MAX); deadline (not retried: the same media would
    time out again); exit 10 permanent / 11 or a crash temporary, with the runner's own
    termination message; deleted externally (retried).
@@ -37,6 +40,7 @@ from controller.model import (
     IMAGE_PULL_REASONS,
     REASON_CONTROLLER_RESTARTED,
     REASON_DEADLINE,
+    REASON_FOREIGN,
     REASON_INVALID,
     REASON_OOM,
     REASON_UNSCHEDULABLE,
@@ -119,8 +123,17 @@ def decide(
         if seen.phase is Phase.PENDING:
             return _pending(row, seen, now, settings)
         return Wait("running")
-    if committed or seen.phase is Phase.SUCCEEDED:
+    if committed:
         return Succeed()
+    if seen.phase is Phase.SUCCEEDED:
+        # Exit 0 alone proves nothing: a Job left from before a database restore, or not
+        # ours, completes without this attempt's results. Only the commit counts.
+        return Failure(
+            FailureReason.RUNNER_TEMPORARY,
+            f"the runner exited 0 but did not commit its result "
+            f"(result_attempt is not {row.attempts})",
+            retryable=True,
+        )
     if seen.phase is Phase.DELETED:
         what = f"{seen.deleted_kind or 'runner'} {seen.runner_name or row.runner_name}"
         message = f"{what} was deleted externally before it finished"
@@ -143,6 +156,12 @@ def _not_launched(
             FailureReason.LAUNCH_FAILED,
             f"the runner could not be created: {seen.message or 'rejected'}",
             retryable=False,
+        )
+    if seen.reason == REASON_FOREIGN:
+        return Failure(
+            FailureReason.LAUNCH_FAILED,
+            f"the runner could not be created: {seen.message or 'its name is taken'}",
+            retryable=True,
         )
     if seen.since is not None and seen.message:
         waited = _seconds(now - seen.since)

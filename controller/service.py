@@ -2,8 +2,9 @@
 
 A pass runs whenever something may have changed: a NOTIFY (a row became pending or
 cancelled), an executor event (a Job or pod changed, a process exited), the next retry
-becoming due, or the safety-net timer (min of POLL_INTERVAL_SECONDS and
-RESYNC_INTERVAL_SECONDS). Each pass
+becoming due, or the safety-net timer (POLL_INTERVAL_SECONDS). Every pass is a full
+comparison — all owned rows against the observed runners, and all runners against their
+rows — so a missed event is caught by the next pass; there is no separate resync. Each pass
 
 1. reconciles every row the controller owns (`processing`) with its runner's observed state
    through the pure rules in reconcile.py, and records outcomes (fenced);
@@ -36,6 +37,7 @@ from controller.listener import Listener
 from controller.metrics import STATUSES, Health, Metrics, ProbeServer
 from controller.model import (
     REASON_CONTROLLER_RESTARTED,
+    REASON_FOREIGN,
     REASON_INVALID,
     JobRow,
     Observation,
@@ -64,6 +66,7 @@ class Leadership(Protocol):
 
     def start(self, wake: Callable[[], None]) -> None: ...
     def is_leader(self) -> bool: ...
+    def problem(self) -> str | None: ...
     def stop(self) -> None: ...
 
 
@@ -71,7 +74,7 @@ class Leadership(Protocol):
 class _LaunchError:
     first: dt.datetime
     message: str
-    invalid: bool
+    reason: str | None
 
 
 def _utcnow() -> dt.datetime:
@@ -102,6 +105,11 @@ class Service:
         self._next_queue_metrics = 0.0
         self._listener = Listener(settings, self.wake, f"dharma-controller-listen {self.identity}")
         self._probes: ProbeServer | None = None
+        # Every background thread the loop relies on fails the probes when it dies.
+        self.health.add_check(lambda: next(iter(self.executor.problems()), None))
+        self.health.add_check(self._listener.problem)
+        if leader is not None:
+            self.health.add_check(leader.problem)
 
     # ------------------------------------------------------------------ control ---
 
@@ -178,9 +186,7 @@ class Service:
             if idle:
                 log.info("queue drained and nothing in flight; exiting (--exit-when-idle)")
                 return
-            timeout = min(
-                self.settings.POLL_INTERVAL_SECONDS, self.settings.RESYNC_INTERVAL_SECONDS
-            )
+            timeout = self.settings.POLL_INTERVAL_SECONDS
             if next_due is not None:
                 timeout = max(0.05, min(timeout, next_due + 0.05))
 
@@ -281,8 +287,11 @@ class Service:
             self.metrics.launches.labels(result="error").inc()
             known = self._launch_errors.get(token)
             first = known.first if known else _utcnow()
+            reason = (
+                REASON_INVALID if result.invalid else REASON_FOREIGN if result.foreign else None
+            )
             self._launch_errors[token] = _LaunchError(
-                first, result.error or "unknown error", result.invalid
+                first, result.error or "unknown error", reason
             )
             log.warning("runner not launched", extra={"error": result.error})
             return
@@ -306,7 +315,7 @@ class Service:
                 error = self._launch_errors.get((row.id, row.attempts))
                 if error is not None:
                     seen = replace(seen, since=error.first, message=error.message,
-                                   reason=REASON_INVALID if error.invalid else None)  # fmt: skip
+                                   reason=error.reason)  # fmt: skip
             elif seen.runner_name and row.runner_name != seen.runner_name:
                 # Created, then the controller died before recording the name: adopt it.
                 if self.store.set_runner_name(key, seen.runner_name):

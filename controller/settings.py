@@ -14,9 +14,15 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
+from controller.quantity import parse_bytes
 from dharma_common.settings import DatabaseSettings
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+#: Each memory setting and the one it must not be below (request <= limit <= max).
+_MEMORY_ORDER = {
+    "RUNNER_MEMORY_LIMIT": "RUNNER_MEMORY_REQUEST",
+    "RUNNER_MEMORY_LIMIT_MAX": "RUNNER_MEMORY_LIMIT",
+}
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -36,8 +42,6 @@ class ControllerSettings(DatabaseSettings):
     CLAIM_BATCH_SIZE: int = Field(default=50, ge=1, le=1000)
     #: Safety-net poll; LISTEN/NOTIFY wakes the controller at once in the normal case.
     POLL_INTERVAL_SECONDS: float = Field(default=10.0, gt=0)
-    #: Full comparison of owned rows with observed runners (catches anything a watch missed).
-    RESYNC_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
     RETRY_BASE_SECONDS: float = Field(default=30.0, ge=0)
     RETRY_MAX_SECONDS: float = Field(default=3600.0, ge=0)
     #: A runner pod still Pending (image pull errors, unschedulable) this long fails the attempt.
@@ -52,6 +56,12 @@ class ControllerSettings(DatabaseSettings):
     POD_NAME: str = Field(default="", max_length=253)
     #: How often queue depth and oldest-pending age are sampled for /metrics.
     QUEUE_METRICS_INTERVAL_SECONDS: float = Field(default=15.0, gt=0)
+
+    #: Session limits on the controller's connections, so a lock held elsewhere (a manual
+    #: transaction, a stuck runner) fails one statement instead of stalling the loop.
+    DB_STATEMENT_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0, le=3600)
+    DB_LOCK_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=3600)
+    DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: float = Field(default=60.0, gt=0, le=3600)
 
     # --- Kubernetes executor -------------------------------------------------------------
     NAMESPACE: str = Field(
@@ -106,6 +116,18 @@ class ControllerSettings(DatabaseSettings):
     #: shutdown); the runner uses it to clean up its scratch directory.
     LOCAL_TERMINATION_GRACE_SECONDS: float = Field(default=10.0, ge=0)
 
+    def connect_kwargs(self, application_name: str) -> dict[str, Any]:
+        """DatabaseSettings' arguments plus the session timeouts (startup options, so they
+        hold from the first statement and after every reconnect)."""
+        kwargs = super().connect_kwargs(application_name)
+        limits = {
+            "statement_timeout": self.DB_STATEMENT_TIMEOUT_SECONDS,
+            "lock_timeout": self.DB_LOCK_TIMEOUT_SECONDS,
+            "idle_in_transaction_session_timeout": self.DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+        }
+        kwargs["options"] = " ".join(f"-c {k}={round(v * 1000)}" for k, v in limits.items())
+        return kwargs
+
     def identity(self) -> str:
         """This replica's name in `claimed_by`, the Lease and logs."""
         return self.POD_NAME or socket.gethostname()
@@ -115,6 +137,25 @@ class ControllerSettings(DatabaseSettings):
     def _image(cls, value: str) -> str:
         if not value or any(c.isspace() for c in value):
             raise ValueError("must be an image reference such as registry/jobrunner:tag")
+        return value
+
+    @field_validator(
+        "RUNNER_MEMORY_REQUEST", "RUNNER_MEMORY_LIMIT", "RUNNER_MEMORY_LIMIT_MAX",
+        "RUNNER_SCRATCH_SIZE",
+    )  # fmt: skip
+    @classmethod
+    def _memory(cls, value: str, info: ValidationInfo) -> str:
+        """Parse with the same function every launch uses: a quantity the pattern admits but
+        parse_bytes rejects ("500m" is 0.5 bytes) would otherwise fail each attempt's launch
+        until the pending timeout. Also request <= limit <= max for the Kubernetes executor
+        (fields are validated in declaration order: the smaller one is in `info.data`)."""
+        size = parse_bytes(value)  # ValueError -> ConfigError naming the variable
+        below = _MEMORY_ORDER.get(info.field_name or "")
+        # The local executor limits runners with LOCAL_MEMORY_LIMIT_BYTES: no Job request/limit.
+        kubernetes = info.data.get("EXECUTOR") == "kubernetes"
+        smaller = info.data.get(below) if below and kubernetes else None
+        if smaller is not None and parse_bytes(smaller) > size:
+            raise ValueError(f"must not be below {below} ({smaller})")
         return value
 
     @field_validator(

@@ -18,6 +18,7 @@ import psycopg2
 import psycopg2.extras
 
 from controller.model import JobRow, RunnerKey
+from dharma_common.errors import first_line
 from dharma_common.settings import DatabaseSettings
 from dharma_common.sqlfile import load_queries
 
@@ -76,9 +77,8 @@ class Store:
                 yield cur
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             self.close()
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DatabaseUnavailable(
-                f"PostgreSQL at {self._settings.describe()}: {first}"
+                f"PostgreSQL at {self._settings.describe()}: {first_line(exc)}"
             ) from None
 
     # ---------------------------------------------------------------- claiming ---

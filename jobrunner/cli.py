@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from dharma_common.contract import ExitCode, one_line, termination_message_path
@@ -57,6 +58,18 @@ def _report(message: str) -> None:
         log.warning("termination message not written", extra={"path": str(path), "error": str(exc)})
 
 
+def describe_crash(exc: BaseException) -> tuple[str, list[str]]:
+    """The one line and the stack for an exception nobody anticipated — without its text.
+    An unexpected exception may quote anything it touched (UnicodeEncodeError quoted a
+    character of the WebDAV password and its position), and the line is copied onto the
+    job row and into the logs. Its type and where it was raised are enough to find the bug;
+    the stack lists file, line and function only, never values."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    stack = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]
+    where = f" at {stack[-1].rsplit('/', 1)[-1]}" if stack else ""
+    return f"internal error in the jobrunner: {type(exc).__name__}{where}", stack
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -84,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(str(exc))
         return exc.exit_code
     except Exception as exc:  # a bug: still say something useful, still clean up
-        log.exception("attempt crashed", extra={"job_id": args.job_id, "attempt": args.attempt})
-        _report(f"internal error in the jobrunner: {type(exc).__name__}: {exc}")
+        message, stack = describe_crash(exc)
+        log.error(
+            "attempt crashed",
+            extra={"job_id": args.job_id, "attempt": args.attempt, "error": message,
+                   "stack": stack},
+        )  # fmt: skip
+        _report(message)
         return ExitCode.TEMPORARY
     return ExitCode.OK
 

@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,23 +162,88 @@ def _wait_owned(main: FFmpegProcess, store: RunnerStore, interval: float) -> Non
     main.wait()
 
 
-def upload_artifacts(dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, workers: int) -> int:
+class _Fence:
+    """Between uploads: stop at once on SIGTERM or a lost fence, and ask the database whether
+    the row is still ours at most every `interval` seconds (a cancellation shows only there:
+    no progress writes run during the upload)."""
+
+    def __init__(self, store: RunnerStore, stop: _Stop, interval: float) -> None:
+        self._store, self._stop, self._interval = store, stop, interval or 0.5
+        self._checked = time.monotonic()
+
+    def check(self) -> None:
+        if self._stop.reason is not None:
+            raise self._stop.error(self._stop.reason)
+        if time.monotonic() - self._checked < self._interval:
+            return
+        self._checked = time.monotonic()
+        try:
+            owned = self._store.still_owned()
+        except TemporaryError as exc:
+            log.warning("fence not checked", extra={"error": str(exc)})
+            return
+        if not owned:
+            self._stop.set(FencedOut, "the job is no longer owned by this attempt (cancelled "
+                           "or retried); the upload was stopped")  # fmt: skip
+            raise FencedOut(self._stop.reason)
+
+
+def _upload_all(
+    dav: WebDAVClient, files: list[tuple[Path, list[str]]], workers: int, fence: _Fence
+) -> None:
+    """Upload `files` on `workers` daemon threads while this thread checks the fence. On a
+    stop nothing new starts, and the uploads in flight are abandoned, not waited for: a
+    stalled server must not hold a cancelled attempt (daemon threads die with the process,
+    where a ThreadPoolExecutor's are joined at exit)."""
+    pending = list(reversed(files))
+    lock, halt = threading.Lock(), threading.Event()
+    failures: list[BaseException] = []
+    context = current_context()
+
+    def worker() -> None:
+        with log_context(**context):
+            while not halt.is_set():
+                with lock:
+                    if not pending:
+                        return
+                    item = pending.pop()
+                try:
+                    dav.put(*item)
+                except BaseException as exc:  # handed to the main thread, which re-raises
+                    failures.append(exc)
+                    halt.set()
+
+    threads = [
+        threading.Thread(target=worker, name=f"upload-{n}", daemon=True)
+        for n in range(min(workers, len(files)))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive() and not failures:
+                thread.join(0.1)
+                fence.check()
+        if failures:
+            raise failures[0]
+    finally:
+        halt.set()
+
+
+def upload_artifacts(
+    dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, workers: int, fence: _Fence
+) -> int:
     """MKCOL the tree, upload files in parallel, and the playlist strictly last."""
     for collection in layout.collections():
+        fence.check()
         dav.mkcol(collection)
     files: list[tuple[Path, list[str]]] = []
     for path in (ws.video, ws.audio, ws.vtt):
         if path.exists():
             files.append((path, layout.file(path.name)))
     files += [(p, layout.file("hls", p.name)) for p in sorted(ws.hls.glob("*.ts"))]
-    context = current_context()
-
-    def put(item: tuple[Path, list[str]]) -> None:
-        with log_context(**context):
-            dav.put(*item)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") as pool:
-        list(pool.map(put, files))  # re-raises the first failure
+    _upload_all(dav, files, workers, fence)
+    fence.check()
     dav.put(ws.playlist, layout.file("hls", ws.playlist.name))
     return len(files) + 1
 
@@ -324,7 +388,8 @@ def _process(
     if not store.still_owned():
         raise FencedOut("the job is no longer owned by this attempt; nothing was uploaded")
     done = _timed(timings, "upload")
-    uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY)
+    fence = _Fence(store, stop, settings.PROGRESS_INTERVAL_SECONDS)
+    uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY, fence)
     done()
     log.info("artifacts uploaded", extra={"files": uploaded, "seconds": timings["upload"]})
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobrunner.probe import MediaInfo
+from jobrunner.probe import SOURCE_INPUT_OPTIONS, MediaInfo
 
 #: Pixel formats a browser's H.264 decoder plays (8-bit 4:2:0); anything else is re-encoded.
 _COPYABLE_PIX_FMTS = {"yuv420p", "yuvj420p"}
@@ -138,7 +138,7 @@ def _hls_args(ws: Workspace, opts: EncodeOptions) -> list[str]:
 
 def make_plan(info: MediaInfo, ws: Workspace, opts: EncodeOptions) -> Plan:
     """Build the commands for one source. `check_usable` has already run."""
-    src = ["-i", str(ws.source)]
+    src = [*SOURCE_INPUT_OPTIONS, "-i", str(ws.source)]  # the same demuxers ffprobe accepted
     pcm = None
     if info.audio is not None:
         pcm = [

@@ -15,6 +15,30 @@ from jobrunner.errors import BadMediaError, ToolError
 #: Codecs ffprobe reports for still images; a lone image is not a talk.
 _IMAGE_CODECS = {"mjpeg", "png", "bmp", "gif", "webp", "tiff", "jpegls", "jpeg2000", "ljpeg"}
 
+#: The demuxers a source may be read with: self-contained audio and video containers, plus
+#: single-image readers so a photo is refused as a still image rather than as a format.
+#: FFmpeg picks a demuxer by content, not by name, and some demuxers read *other* files or
+#: URLs named inside the upload (hls, concat, image2, dash, tee, sdp...): an upload called
+#: talk.mp4 that is an HLS playlist made FFmpeg read a file on the runner's disk and publish
+#: it. An allow-list fails closed as FFmpeg gains demuxers; a deny-list would not.
+SOURCE_DEMUXERS = (
+    "mov", "matroska", "webm", "avi", "asf", "flv", "mpegts", "mpeg", "nut", "dv",
+    "mp3", "aac", "ac3", "eac3", "flac", "ogg", "wav", "w64", "aiff", "caf", "amr", "wv",
+    "ape", "tta",
+    "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif",
+)  # fmt: skip
+
+#: Input options for every FFmpeg or ffprobe reading the source: only the demuxers above,
+#: and only the local file itself (no http, no pipe, no subfile, no nested protocols).
+SOURCE_INPUT_OPTIONS = [
+    "-protocol_whitelist", "file", "-format_whitelist", ",".join(SOURCE_DEMUXERS),
+]  # fmt: skip
+
+#: Demuxers whose whole purpose is to name other inputs; refusing them gets its own words.
+_REFERRING_DEMUXERS = {"hls", "concat", "image2", "dash", "webm_dash_manifest", "imf", "sdp",
+                       "rtsp", "rtp", "mpjpeg", "ffmetadata", "lavfi"}  # fmt: skip
+_NOT_ON_WHITELIST = re.compile(r"^\[(\w+)[^\]]*\] Format not on whitelist", re.MULTILINE)
+
 
 @dataclass(frozen=True)
 class VideoStream:
@@ -63,7 +87,7 @@ def run_ffprobe(path: Path, timeout: float = 120.0) -> dict[str, Any]:
     """ffprobe's JSON for `path`; a file it cannot read is bad media, quoting its reason."""
     cmd = [
         "ffprobe", "-v", "error", "-hide_banner", "-print_format", "json",
-        "-show_format", "-show_streams", "--", str(path),
+        "-show_format", "-show_streams", *SOURCE_INPUT_OPTIONS, "-i", str(path),
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -72,14 +96,30 @@ def run_ffprobe(path: Path, timeout: float = 120.0) -> dict[str, Any]:
     except FileNotFoundError:
         raise ToolError("ffprobe is not installed in this image") from None
     if proc.returncode != 0:
-        raise BadMediaError(
-            f"source is not readable media: ffprobe: {last_error_line(proc.stderr)}"
-        )
+        refused = _NOT_ON_WHITELIST.search(proc.stderr)
+        if refused:
+            raise BadMediaError(_refused_format(refused[1]))
+        reason = last_error_line(proc.stderr, path.parent)
+        raise BadMediaError(f"source is not readable media: ffprobe: {reason}")
     try:
         data: dict[str, Any] = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError:
         raise BadMediaError("source is not readable media: ffprobe printed no JSON") from None
     return data
+
+
+def _refused_format(demuxer: str) -> str:
+    """Why a demuxer outside SOURCE_DEMUXERS was refused: FFmpeg refuses it right after
+    recognising it, before it opens anything the file names."""
+    if demuxer in _REFERRING_DEMUXERS:
+        return (
+            f"source is a {demuxer} file, which names other files or URLs, not a media "
+            "recording; it was not opened"
+        )
+    return (
+        f"source is not readable media: ffprobe: the {demuxer} format is not accepted "
+        "(use a common audio or video container such as MP4, MKV, WebM, MP3 or WAV)"
+    )
 
 
 def _float(value: Any) -> float:

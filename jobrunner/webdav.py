@@ -9,12 +9,16 @@ Sessions are per thread because segment uploads run in parallel.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import requests
+import urllib3
+from requests.auth import HTTPBasicAuth
 from tenacity import (
     RetryCallState,
     retry,
@@ -45,8 +49,54 @@ _STATUS_WORDS = {
 }
 
 
+_DIGITS = re.compile(r"[0-9]+")
+#: The slowest download accepted, averaged over each HTTP_TIMEOUT_SECONDS: the timeout says
+#: how long a server may be silent, this how little it may send (a 1 GB talk at this rate
+#: takes 18 hours, so no honest server is near it).
+MIN_BYTES_PER_SECOND = 16 * 1024
+
+
 class _Retryable(Exception):
     """Internal: a failure worth another try; carries the final message if tries run out."""
+
+
+def declared_length(values: list[str]) -> int | None:
+    """The body length from every Content-Length header value, strictly: digits only (no
+    sign, blank, `_` or letters, all of which int() or urllib3 let through), and the same
+    number if repeated (RFC 9110 8.6). None when absent. A wrong length would make the size
+    limit and the truncation check meaningless, so any other value is refused."""
+    numbers = set()
+    for value in values:
+        for raw in value.split(","):
+            part = raw.strip(" \t")
+            if not _DIGITS.fullmatch(part):
+                raise _Retryable(f"invalid Content-Length {value[:40]!r} from the server")
+            numbers.add(int(part))
+    if len(numbers) > 1:
+        raise _Retryable(f"invalid Content-Length: differing values {sorted(numbers)}")
+    return numbers.pop() if numbers else None
+
+
+class _RateFloor:
+    """A server that sends a byte now and then never trips the per-read timeout, and could
+    hold a runner until its deadline: require `minimum` bytes/s over each `window` seconds
+    (the client's timeout), so a try ends within about two timeouts of the last good data."""
+
+    def __init__(self, minimum: int, window: float) -> None:
+        self._minimum, self._window = minimum, window
+        self._since, self._at = time.monotonic(), 0
+
+    def check(self, size: int) -> None:
+        elapsed = time.monotonic() - self._since
+        if not self._minimum or elapsed < self._window:
+            return
+        got = size - self._at
+        if got < self._minimum * elapsed:
+            raise _Retryable(
+                f"download too slow: {got:,} bytes in {elapsed:.0f} s, under the minimum of "
+                f"{self._minimum:,} bytes/s over each HTTP_TIMEOUT_SECONDS"
+            )
+        self._since, self._at = time.monotonic(), size
 
 
 class WebDAVClient:
@@ -61,10 +111,14 @@ class WebDAVClient:
         timeout: float = 60.0,
         retries: int = 5,
         backoff: float = 1.0,
+        min_rate: int = MIN_BYTES_PER_SECOND,
     ) -> None:
         self._base = base_url.rstrip("/")
-        self._auth = (user, password) if user else None
+        # UTF-8 bytes (RFC 7617): requests encodes text credentials as Latin-1, and the
+        # UnicodeEncodeError for a password such as "密碼" quoted one of its characters.
+        self._auth = HTTPBasicAuth(user.encode("utf-8"), password.encode("utf-8")) if user else None
         self._timeout = timeout
+        self._min_rate = min_rate
         self._retries = retries
         self._backoff = backoff
         self._local = threading.local()
@@ -76,6 +130,8 @@ class WebDAVClient:
         if session is None:
             session = requests.Session()
             session.auth = self._auth
+            # Byte counts (the size limit, the Content-Length check) must be of the file.
+            session.headers["Accept-Encoding"] = "identity"
             self._local.session = session
         return session
 
@@ -127,6 +183,9 @@ class WebDAVClient:
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(f"{type(exc).__name__} talking to {self._base}") from exc
+        except requests.exceptions.InvalidHeader as exc:  # e.g. urllib3's differing lengths
+            header = "Content-Length" if "Content-Length" in str(exc) else "header"
+            raise _Retryable(f"invalid {header} from {self._base}") from None
 
     # -- operations -----------------------------------------------------------------------
 
@@ -138,32 +197,46 @@ class WebDAVClient:
             response = self._request("GET", segments, stream=True)
             with response:
                 self._check(response, what, (200,))
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                declared = self._declared(response)
+                if declared is not None and declared > max_bytes:
                     raise BadMediaError(
-                        f"source {url_path(segments)} is {int(declared):,} bytes, over the "
+                        f"source {url_path(segments)} is {declared:,} bytes, over the "
                         f"limit of {max_bytes:,} (MAX_SOURCE_BYTES)"
                     )
-                size = 0
-                try:
-                    with dest.open("wb") as out:
-                        for chunk in response.iter_content(_CHUNK):
-                            size += len(chunk)
-                            if size > max_bytes:
-                                raise BadMediaError(
-                                    f"source {url_path(segments)} is over the limit of "
-                                    f"{max_bytes:,} bytes (MAX_SOURCE_BYTES)"
-                                )
-                            out.write(chunk)
-                except (requests.ConnectionError, requests.Timeout) as exc:
-                    raise _Retryable(f"download interrupted after {size:,} bytes") from exc
-                except requests.exceptions.ChunkedEncodingError as exc:
-                    raise _Retryable(f"download interrupted after {size:,} bytes") from exc
-                if declared is not None and declared.isdigit() and size != int(declared):
-                    raise _Retryable(f"download ended at {size:,} of {int(declared):,} bytes")
+                size = self._receive(response, dest, max_bytes, url_path(segments))
+                if declared is not None and size != declared:
+                    raise _Retryable(f"download ended at {size:,} of {declared:,} bytes")
                 return size
 
         return self._call(what, attempt)
+
+    @staticmethod
+    def _declared(response: requests.Response) -> int | None:
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Retryable(f"the server sent a {encoding[:20]!r}-encoded body, not the file")
+        return declared_length(response.raw.headers.getlist("Content-Length"))
+
+    def _receive(self, response: requests.Response, dest: Path, max_bytes: int, name: str) -> int:
+        """Copy the body as it arrives (`read1`: whatever the socket has, so the rate floor
+        is checked between reads even when the server sends one byte at a time)."""
+        size, floor = 0, _RateFloor(self._min_rate, self._timeout)
+        try:
+            with dest.open("wb") as out:
+                while chunk := response.raw.read1(_CHUNK, decode_content=False):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise BadMediaError(
+                            f"source {name} is over the limit of {max_bytes:,} bytes "
+                            "(MAX_SOURCE_BYTES)"
+                        )
+                    out.write(chunk)
+                    floor.check(size)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            raise _Retryable(
+                f"download interrupted after {size:,} bytes ({type(exc).__name__})"
+            ) from None
+        return size
 
     def mkcol(self, segments: list[str]) -> None:
         """Create a collection; an existing one (405, or 301 on some servers) is fine."""

@@ -7,6 +7,7 @@ and `tests/integration/test_bad_media.py` run each one through the real jobrunne
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -34,6 +35,9 @@ _VFR_SELECT = "select='lt(n\\,3)+not(eq(mod(n\\,5)\\,2))*not(eq(mod(n\\,7)\\,3))
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "h264_aac_mp4": ("talk.mp4", [*_video_src(11), *_speech(), "-c:v", "libx264",
                      "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest"]),
+    # An MPEG-TS talk: what an HLS playlist names, so a hostile playlist can point at it.
+    "h264_aac_ts": ("talk.ts", [*_video_src(11), *_speech(), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest"]),
     "vp9_opus_webm": ("talk.webm", [*_video_src(11), *_speech(), "-c:v", "libvpx-vp9",
                       "-deadline", "realtime", "-cpu-used", "8", "-b:v", "300k",
                       "-c:a", "libopus", "-shortest"]),
@@ -172,4 +176,41 @@ def make_long_talk(directory: Path, seconds: int, size: str, vcodec: str) -> Pat
              *codec, "-t", str(seconds), str(path)],
             check=True, capture_output=True,
         )  # fmt: skip
+    return path
+
+
+#: Hostile "media" (issue 10, defect 6): text files FFmpeg would open as a playlist or a
+#: concat list and then read the files they name. Each gets a media extension, as an upload
+#: would. kind -> file name.
+HOSTILE_PLAYLISTS = {
+    "hls_absolute": "absolute.mp4",
+    "hls_relative": "relative.mp4",
+    "hls_nested": "nested.mp4",
+    "ffconcat_relative": "concat.mkv",
+    "hls_http_loopback": "remote.webm",
+}
+
+
+def _hls(entry: str) -> str:
+    return f"#EXTM3U\n#EXT-X-TARGETDURATION:12\n#EXTINF:11.0,\n{entry}\n#EXT-X-ENDLIST\n"
+
+
+def make_hostile_playlist(kind: str, directory: Path, target: str, scratch: Path) -> Path:
+    """A playlist of `kind` naming `target`: an absolute path, an http URL, or (for the
+    relative kinds) a path made relative to `scratch`, where the runner stores its
+    download — so each really points at the file FFmpeg would read without the fix."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / HOSTILE_PLAYLISTS[kind]
+    relative = os.path.relpath(target, scratch / "job") if target.startswith("/") else target
+    if kind == "hls_nested":
+        inner = directory / "inner.m3u8"
+        inner.write_text(_hls(target))
+        text = f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=800000\n{inner}\n"
+    elif kind == "ffconcat_relative":
+        text = f"ffconcat version 1.0\nfile '{relative}'\n"
+    elif kind == "hls_relative":
+        text = _hls(relative)
+    else:
+        text = _hls(target)
+    path.write_text(text)
     return path

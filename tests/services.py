@@ -263,6 +263,9 @@ class FaultInjector:
     faults: list[Fault] = field(default_factory=list)
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Set when the server closes: stalled requests end at once, so a long stall never
+    #: holds up a test's teardown.
+    released: threading.Event = field(default_factory=threading.Event)
 
     def fail(
         self, count: int, status: int = 503, method: str | None = None, path: str | None = None
@@ -300,7 +303,7 @@ class FaultInjector:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         fault = self._match(method, path)
         if fault is not None and fault.stall_seconds:
-            time.sleep(fault.stall_seconds)
+            self.released.wait(fault.stall_seconds)
         if fault is not None and fault.status:
             self._record(method, path, fault.status)
             start_response(f"{fault.status} Injected Fault", [("Content-Length", "0")])
@@ -383,6 +386,7 @@ class WebDAVServer:
         return self.root / relative.lstrip("/")
 
     def close(self) -> None:
+        self.faults.released.set()
         self._server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -54,6 +54,7 @@ from tests.controller_fixtures import KubeSetup
 from tests.controller_helpers import ControllerProcess
 from tests.media import MODELS, make_media
 from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
+from tests.simulated_runner import SimulatedCommits
 from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE
 
 pytestmark = [pytest.mark.chaos]  # timeout: set from --chaos-seconds in conftest.py
@@ -368,9 +369,23 @@ def pod_fate(rng: random.Random, first: bool = False) -> str:
     return json.dumps(fate)
 
 
+@pytest.fixture
+def runner_commits(
+    kube_setup: KubeSetup, private_pg: tuple[PostgresServer, Database]
+) -> Iterator[SimulatedCommits]:
+    """The runner's final commit for the pods KWOK succeeds (their simulated container
+    cannot make it, and without it no attempt is a success); it rides through the same
+    API server and PostgreSQL restarts as the controller."""
+    _, database = private_pg
+    with SimulatedCommits(kube_setup.kube.api_client, kube_setup.namespace,
+                          database.connect) as simulated:  # fmt: skip
+        yield simulated
+
+
 def test_kubernetes_executor_under_chaos(
     kube_setup: KubeSetup,
     private_pg: tuple[PostgresServer, Database],
+    runner_commits: SimulatedCommits,
     start_controller: Start,
     chaos: ChaosRun,
 ) -> None:
@@ -458,6 +473,11 @@ def test_kubernetes_executor_under_chaos(
     # with a load test; each retry wave adds one.
     settle(sql, timeout=480, keep_alive=controllers.keep_alive)
     print(f"settled after {time.monotonic() - started:.0f} s")
+    runner_commits.stop()
+    tally.notes.append(
+        f"simulated runner commits: {runner_commits.committed} (fenced out:"
+        f" {runner_commits.fenced}; errors ridden through: {runner_commits.errors})"
+    )
     rows = sql.rows()
     check_rows(tally, rows)
     check_runners(tally, rows, tracker.by_attempt())

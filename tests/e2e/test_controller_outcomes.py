@@ -11,7 +11,7 @@ real jobrunner from the pod spec is test_controller_real_runner.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import Queue
 from tests.controller_fixtures import KubeSetup
 from tests.controller_helpers import ControllerProcess, eventually
+from tests.services import Database
+from tests.simulated_runner import SimulatedCommits
 from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -60,6 +62,17 @@ def fate(**annotations: str) -> str:
     return json.dumps(annotations)
 
 
+@pytest.fixture
+def runner_commits(kube_setup: KubeSetup, db: Database) -> Iterator[SimulatedCommits]:
+    """Play the runner's final fenced commit (`result_attempt`) for this namespace's pods
+    that KWOK will succeed, which their simulated container cannot make: the controller
+    records success only over that commit, never for a Job that merely completed. Pods with
+    other fates never commit, so failure tests may use it too."""
+    with SimulatedCommits(kube_setup.kube.api_client, kube_setup.namespace, db.connect) as sim:
+        yield sim
+
+
+@pytest.mark.usefixtures("runner_commits")
 def test_success(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -> None:
     """A Job that completes: row completed, Job name on the row, labels for `kubectl logs -l`,
     the pod accepted under `restricted` Pod Security."""
@@ -75,6 +88,22 @@ def test_success(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -
     assert controller.events("attempt succeeded", job_id=job_id)
 
 
+def test_completed_job_without_the_runners_commit_is_not_a_success(
+    queue: Queue, kube_setup: KubeSetup, start_controller: Start
+) -> None:
+    """A Job that completes while the row never gets this attempt's commit (a Job left from
+    a restored database, or not ours): a temporary failure, retried, then failed — never
+    `completed`."""
+    job_id = add_job(queue, max_attempts=2)
+    env = {**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "succeed", DELAY: "300ms"})}
+    start_controller(env)
+    done = eventually(lambda: finished(queue, job_id), "the job to finish")
+    assert (done["status"], done["attempts"], done["failure_reason"]) == (
+        "failed", 2, "runner_error_temporary")  # fmt: skip
+    assert "the runner exited 0 but did not commit its result" in done["error_message"]
+
+
+@pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
 def test_runner_error_is_recorded_in_its_own_words(
     queue: Queue, kube_setup: KubeSetup, start_controller: Start
 ) -> None:
@@ -88,6 +117,7 @@ def test_runner_error_is_recorded_in_its_own_words(
     assert done["error_message"] == "source is not readable media: x"
 
 
+@pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
 def test_temporary_error_is_retried_then_gives_up(
     queue: Queue, kube_setup: KubeSetup, start_controller: Start
 ) -> None:
@@ -102,6 +132,7 @@ def test_temporary_error_is_retried_then_gives_up(
     assert kube_setup.job_names() == [f"dharma-stt-{job_id}-1", f"dharma-stt-{job_id}-2"]
 
 
+@pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
 def test_oom_killed_retries_with_more_memory(
     queue: Queue, kube_setup: KubeSetup, start_controller: Start
 ) -> None:
@@ -123,6 +154,7 @@ def test_oom_killed_retries_with_more_memory(
     assert limits == {f"dharma-stt-{job_id}-1": "256Mi", f"dharma-stt-{job_id}-2": "512Mi"}
 
 
+@pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
 def test_deadline(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -> None:
     """activeDeadlineSeconds ends a runner that never finishes: "timed out after 2 s"."""
     job_id = add_job(queue)
@@ -145,6 +177,7 @@ def test_deadline(queue: Queue, kube_setup: KubeSetup, start_controller: Start) 
     ],
     ids=["image-pull-error", "unschedulable"],
 )  # fmt: skip
+@pytest.mark.usefixtures("runner_commits")  # nor for a pod that never runs
 def test_stuck_pending_fails_after_the_timeout(
     queue: Queue,
     kube_setup: KubeSetup,

@@ -17,11 +17,19 @@ from controller.kubestate import trim_job
 from tests.conftest import Queue
 from tests.controller_fixtures import KubeSetup
 from tests.controller_helpers import ControllerProcess, eventually
-from tests.e2e.test_controller_outcomes import add_job, fate, finished, row
+from tests.e2e.test_controller_outcomes import (  # noqa: F401 - runner_commits: a fixture
+    add_job,
+    fate,
+    finished,
+    row,
+    runner_commits,
+)
 from tests.services import PostgresServer
 from tests.testbed import DELAY, FATE
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+#: Every test here ends in success, which needs the runner's commit: KWOK's simulated
+#: container cannot make it, so `runner_commits` (tests/simulated_runner.py) plays it.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150), pytest.mark.usefixtures("runner_commits")]
 Start = Callable[..., ControllerProcess]
 
 

@@ -6,7 +6,8 @@ six codecs, video without audio, odd dimensions, 10-bit and 4:4:4 H.264 (re-enco
 copied), a hostile file name and paths escaping their folder. This file adds the rest: a
 valid container with no audio or video, extreme aspect ratios, variable frame rate, lying
 and huge declared durations, surround sound, pure silence and a long silent pause with the
-real base model, and a file name made of unicode and shell metacharacters.
+real base model, a file name made of unicode and shell metacharacters, and uploads that are
+really HLS playlists or ffconcat lists naming other files (issue 10, defect 6).
 
 Each test asserts the exact outcome — artifacts and rows for a success, the exit class and a
 specific message for a failure — and that the scratch directory is left empty.
@@ -14,9 +15,11 @@ specific message for a failure — and that the scratch directory is left empty.
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import json
 import subprocess
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import pytest
 from dharma_common.contract import ExitCode
 from tests.conftest import Job, Queue
 from tests.integration.runner import RunResult, run_jobrunner
-from tests.media import MODELS
+from tests.media import HOSTILE_PLAYLISTS, MODELS, make_hostile_playlist, make_media
 from tests.services import WebDAVServer
 
 pytestmark = pytest.mark.integration
@@ -48,7 +51,7 @@ def _stream(path: Path, kind: str) -> dict[str, Any]:
     return next(s for s in _streams(path) if s["codec_type"] == kind)
 
 
-def _run(queue: Queue, env: dict[str, str], kind: str, **kw: Any) -> tuple[Job, RunResult]:
+def _run(queue: Queue, env: dict[str, str], kind: str | Path, **kw: Any) -> tuple[Job, RunResult]:
     job = queue.job(kind, **kw)
     return job, run_jobrunner(env, job.job_id, job.attempt)
 
@@ -255,3 +258,59 @@ def test_unicode_and_shell_metacharacters_in_the_file_name(
     assert _stream(out / "video.mp4", "video")["codec_name"] == "h264"
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
     assert list(scratch.iterdir()) == []
+
+
+class _RecordingHTTP(http.server.ThreadingHTTPServer):
+    """A real HTTP server on loopback that serves one media file and counts requests: the
+    proof that FFmpeg never followed a playlist to the network."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.requests = body, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(inner) -> None:  # noqa: N805 - `self` is the server's
+                self.requests += 1
+                inner.send_response(200)
+                inner.send_header("Content-Type", "video/mp2t")
+                inner.send_header("Content-Length", str(len(self.body)))
+                inner.end_headers()
+                inner.wfile.write(self.body)
+
+            def log_message(inner, *args: Any) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_PLAYLISTS))
+def test_playlists_naming_other_files_are_refused_and_read_nothing(
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path,
+    tmp_path: Path, kind: str,
+) -> None:  # fmt: skip
+    """An upload that is really an HLS playlist or an ffconcat list, naming a real talk on
+    the runner's disk (absolute, relative, through a nested playlist) or on a loopback HTTP
+    server. Without the demuxer allow-list FFmpeg opened the named file and the job
+    completed with that file's picture and sound. Now each is refused as permanent bad
+    media, before FFmpeg opens anything: nothing is published, and the HTTP server sees no
+    request."""
+    real = make_media("h264_aac_ts", tmp_path / "elsewhere")
+    server = _RecordingHTTP(real.read_bytes())
+    try:
+        target = server.url("talk.ts") if "http" in kind else str(real)
+        hostile = make_hostile_playlist(kind, tmp_path / "uploads", target, scratch)
+        job, result = _run(queue, runner_env, hostile)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.code == ExitCode.PERMANENT, result.stderr
+    demuxer = "concat" if kind.startswith("ffconcat") else "hls"
+    assert result.message == (
+        f"source is a {demuxer} file, which names other files or URLs, not a media "
+        "recording; it was not opened"
+    ), result.message
+    assert server.requests == 0, "FFmpeg fetched the URL named in the playlist"
+    _assert_failed_cleanly(queue, dav, scratch, job)

@@ -146,7 +146,7 @@ def test_notify_wakes_the_controller_before_the_poll_would(
     """With a 10-minute poll interval, a row inserted after the controller went idle is
     claimed anyway: only the NOTIFY from the insert trigger can have woken it (this test's
     wait is bounded far below the poll interval)."""
-    env = {**controller_env, "POLL_INTERVAL_SECONDS": "600", "RESYNC_INTERVAL_SECONDS": "600"}
+    env = {**controller_env, "POLL_INTERVAL_SECONDS": "600"}
     controller = start_controller(env)
     eventually(lambda: controller.events("listening for notifications"), "LISTEN", timeout=60)
     eventually(lambda: controller.events("controller starting"), "start")

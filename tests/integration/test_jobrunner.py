@@ -441,3 +441,42 @@ def test_real_multilingual_model_with_job_language(
     text = " ".join(r[0] for r in queue.rows(
         "SELECT text FROM dharma.subtitles WHERE media_id = %s", job.media_id)).lower()  # fmt: skip
     assert "your country" in text
+
+
+@pytest.mark.parametrize("how", ["sigterm", "cancel"])
+def test_stop_during_upload_ends_within_seconds_without_draining_the_queue(
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path,
+    tmp_path: Path, how: str,
+) -> None:  # fmt: skip
+    """40 one-second HLS segments, two upload workers, every segment PUT stalled 6 s by
+    the server: uploading takes about two minutes. A SIGTERM or a cancellation (the row's
+    status, seen by the fence check) once the first segment is stored must end the process
+    within seconds: no further uploads start (the pool used to drain its whole queue after
+    a cancellation), the two in flight are abandoned rather than waited for (the process
+    used to wait for them at exit), and the playlist is never uploaded."""
+    from tests.media import make_long_talk
+
+    job = queue.job(make_long_talk(tmp_path, 40, "320x240", "vp9"))
+    runner_env.update(HLS_SHARD_SECONDS="1", UPLOAD_CONCURRENCY="2")
+    dav.faults.clear()
+    dav.faults.stall(1000, 6.0, method="PUT", path=".ts")
+    proc = start_jobrunner(runner_env, job.job_id, job.attempt)
+    deadline = time.monotonic() + 120
+    while not [r for r in dav.faults.log if r.method == "PUT" and r.path.endswith(".ts")]:
+        assert proc.poll() is None and time.monotonic() < deadline, "no segment was uploaded"
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        with queue.conn.cursor() as cur:
+            cur.execute("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s",
+                        (job.job_id,))  # fmt: skip
+    _, stderr = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - stopped
+    late = [r for r in dav.faults.log if r.method == "PUT" and r.at > stopped]
+    assert proc.returncode == (ExitCode.TEMPORARY if how == "sigterm" else ExitCode.FENCED)
+    assert elapsed < 4, f"took {elapsed:.1f} s to stop; {len(late)} PUTs after the stop"
+    assert len(late) <= 4, f"{len(late)} uploads after the stop: {[r.path for r in late]}"
+    assert not any(r.path.endswith(".m3u8") for r in dav.faults.log), stderr
+    _assert_clean_scratch(scratch)

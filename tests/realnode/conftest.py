@@ -135,7 +135,6 @@ def real_setup(
             "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
             "METRICS_PORT": "0",
             "POLL_INTERVAL_SECONDS": "1",
-            "RESYNC_INTERVAL_SECONDS": "2",
             "RETRY_BASE_SECONDS": "0.2",
             "RETRY_MAX_SECONDS": "1",
             "RUNNER_IMAGE": real_images["runner"],

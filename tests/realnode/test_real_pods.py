@@ -130,7 +130,7 @@ def _chart_values(setup: RealSetup, db: Database, dav: WebDAVServer) -> dict[str
             **placement,
             "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
                           "limits": {"memory": "512Mi"}},
-            "config": {"POLL_INTERVAL_SECONDS": 1, "RESYNC_INTERVAL_SECONDS": 5},
+            "config": {"POLL_INTERVAL_SECONDS": 1},
         },
         "migrations": {"mode": "hook"},
         "runner": {
@@ -245,7 +245,7 @@ def test_real_deadline_stops_the_runner_with_sigterm(
     """`activeDeadlineSeconds` on a real node: the Job fails with DeadlineExceeded, the
     kubelet sends SIGTERM and the runner stops itself (exit 11, its own message) within the
     grace period; the row says `deadline_exceeded` and is not retried."""
-    dav.faults.stall(1, 15, method="GET")  # the download hangs past the deadline
+    dav.faults.stall(1, 300, method="GET")  # the download hangs past the deadline
     job_id, _ = talk("audio_aac_m4a")
     start_controller({**real_setup.env, "JOB_DEADLINE_SECONDS": "6"})
     done = eventually(lambda: finished(queue, job_id), "the deadline to fail it", timeout=180)
@@ -329,7 +329,7 @@ def test_drain_of_the_node_costs_nothing(
     attempt, which waits (Pending) while the node is cordoned. The row stays `processing`
     with no failure and no retry used; after `uncordon` the same attempt completes."""
     node = real_setup.node.name
-    dav.faults.stall(1, 20, method="GET")  # keep the first pod running until evicted
+    dav.faults.stall(1, 300, method="GET")  # keep the first pod running until evicted
     job_id, media_id = talk("audio_aac_m4a")
     start_controller(real_setup.env)
     name = f"dharma-stt-{job_id}-1"
@@ -345,7 +345,7 @@ def test_drain_of_the_node_costs_nothing(
                       if p["metadata"]["uid"] != first["metadata"]["uid"]]  # fmt: skip
             return others[0] if others else None
 
-        new = eventually(replacement, "the Job's replacement pod", timeout=60)
+        new = eventually(replacement, "the Job's replacement pod", timeout=120)
         assert (new.get("status") or {}).get("phase") == "Pending"
         time.sleep(5)  # a few controller passes with the replacement Pending
         current = row(queue, job_id)

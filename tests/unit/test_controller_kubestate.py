@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from controller.kubestate import DELETED_MARK, current_pod, is_finished, observe_job, parse_time
+import pytest
+
+from controller.kubestate import (
+    DELETED_MARK,
+    current_pod,
+    is_finished,
+    observe_job,
+    parse_time,
+    trim_job,
+    trim_pod,
+)
 from controller.model import Phase
+from controller.reconcile import Wait, decide
+from tests.unit.test_reconcile import SETTINGS, row
 
 T0 = "2026-01-01T12:00:00Z"
 T1 = "2026-01-01T12:00:05Z"
@@ -127,3 +140,37 @@ def test_is_finished() -> None:
     assert is_finished(job({"type": "Complete"}))
     assert is_finished(job({"type": "FailureTarget"}))
     assert not is_finished(job({"type": "Suspended"}))
+
+
+HOURS_AGO = "2026-01-01T10:00:00Z"
+DISRUPTED_AT = "2026-01-01T12:00:00Z"
+
+
+def _drained(**condition: str) -> dict[str, Any]:
+    return pod("Failed", terminated(143), name="old", created=HOURS_AGO, conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+         **condition}])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pods", "since"),
+    [
+        ([_drained(lastTransitionTime=DISRUPTED_AT)], DISRUPTED_AT),
+        # No transition time kept: the container's end is the latest sign of the disruption.
+        ([_drained()], T1),
+        # The replacement is observed: its own creation time counts.
+        ([_drained(lastTransitionTime=DISRUPTED_AT), pod("Pending", name="new", created=T1)],
+         T1),
+    ],
+    ids=["disruption time", "termination time", "replacement"],
+)  # fmt: skip
+def test_disrupted_pod_awaiting_replacement_is_waited_out(
+    pods: list[dict[str, Any]], since: str
+) -> None:
+    """A runner drained or preempted 2 h after its pod was created, before the Job's
+    replacement pod is seen: not "still Pending after 7200 s" (which deleted the Job)."""
+    seen = observe_job(trim_job(job()), [trim_pod(p) for p in pods])
+    assert (seen.phase, seen.since) == (Phase.PENDING, parse_time(since))
+    now = (parse_time(T1) or dt.datetime.now(dt.timezone.utc)) + dt.timedelta(seconds=30)
+    started = now - dt.timedelta(hours=2)
+    assert isinstance(decide(row(processing_started_at=started), seen, now, SETTINGS), Wait)

@@ -27,11 +27,46 @@ REPO = Path(__file__).resolve().parents[2]
         ({"NAMESPACE": "Bad_Name"}, "NAMESPACE"),
         ({"RUNNER_IMAGE": "has space"}, "RUNNER_IMAGE"),
         ({"LAUNCH_CONCURRENCY": 0}, "LAUNCH_CONCURRENCY"),
+        # A valid Kubernetes quantity ("m" = milli) but not a memory size: rejected by
+        # parse_bytes at every launch before, so each attempt hung until the pending timeout.
+        ({"RUNNER_MEMORY_LIMIT": "500m"}, "RUNNER_MEMORY_LIMIT='500m' is invalid: .*memory"),
+        ({"RUNNER_MEMORY_REQUEST": "500m"}, "RUNNER_MEMORY_REQUEST"),
+        ({"RUNNER_MEMORY_LIMIT_MAX": "1.5m"}, "RUNNER_MEMORY_LIMIT_MAX"),
+        ({"RUNNER_SCRATCH_SIZE": "100m"}, "RUNNER_SCRATCH_SIZE"),
+        (
+            {"RUNNER_MEMORY_REQUEST": "3Gi"},
+            "RUNNER_MEMORY_LIMIT='2Gi' is invalid: .*below RUNNER_MEMORY_REQUEST \\(3Gi\\)",
+        ),
+        (
+            {"RUNNER_MEMORY_LIMIT": "16Gi"},
+            "RUNNER_MEMORY_LIMIT_MAX='8Gi' is invalid: .*below RUNNER_MEMORY_LIMIT \\(16Gi\\)",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(overrides: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", **overrides)
+
+
+def test_memory_settings_in_order_are_accepted() -> None:
+    loaded = load_settings(
+        ControllerSettings, DB_HOST="db", DB_USER="u", RUNNER_MEMORY_REQUEST="2Gi",
+        RUNNER_MEMORY_LIMIT="2048Mi", RUNNER_MEMORY_LIMIT_MAX="2Gi", RUNNER_SCRATCH_SIZE="1.5G",
+    )  # fmt: skip
+    assert loaded.RUNNER_MEMORY_LIMIT == "2048Mi"
+
+
+def test_memory_order_is_not_checked_for_the_local_executor() -> None:
+    """The local executor limits a runner with LOCAL_MEMORY_LIMIT_BYTES; the Job's request
+    and limit do not apply, so only their syntax is checked."""
+    loaded = load_settings(
+        ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local",
+        RUNNER_MEMORY_LIMIT_MAX="40Mi",
+    )  # fmt: skip
+    assert loaded.RUNNER_MEMORY_LIMIT_MAX == "40Mi"
+    with pytest.raises(ConfigError, match="RUNNER_MEMORY_LIMIT_MAX"):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local",
+                      RUNNER_MEMORY_LIMIT_MAX="40m")  # fmt: skip
 
 
 def test_identity_defaults_to_the_host_name() -> None:

@@ -56,7 +56,24 @@ CASES: list[tuple[str, JobRow, Observation, Any]] = [
     ("running", row(), seen(Phase.RUNNING, since=ago(10)), Wait("running")),
     ("pending, within timeout", row(), seen(Phase.PENDING, since=ago(599),
      waiting_reason="ErrImagePull"), Wait("pending for 599 s (ErrImagePull)")),
-    ("succeeded", row(), seen(Phase.SUCCEEDED, exit_code=0), Succeed()),
+    ("succeeded and committed", row(result_attempt=1), seen(Phase.SUCCEEDED, exit_code=0),
+     Succeed()),
+    # A Job that completed without this attempt's commit (a Job left over from a restored
+    # database, or not ours) proves nothing: success needs the runner's committed result.
+    ("succeeded without a commit", row(), seen(Phase.SUCCEEDED, exit_code=0),
+     Failure(FailureReason.RUNNER_TEMPORARY, "the runner exited 0 but did not commit its "
+             "result (result_attempt is not 1)", retryable=True)),
+    ("succeeded, an older attempt committed", row(attempts=2, result_attempt=1),
+     seen(Phase.SUCCEEDED, exit_code=0),
+     Failure(FailureReason.RUNNER_TEMPORARY, "the runner exited 0 but did not commit its "
+             "result (result_attempt is not 2)", retryable=True)),
+    ("existing Job is not this attempt's", row(runner_name=None),
+     Observation(Phase.NONE, since=ago(1), reason="Foreign",
+                 message="Job dharma-stt-7-1 already exists but is not this attempt's "
+                 "(dharma.stream/attempt=3)"),
+     Failure(FailureReason.LAUNCH_FAILED, "the runner could not be created: Job dharma-stt-7-1 "
+             "already exists but is not this attempt's (dharma.stream/attempt=3)",
+             retryable=True)),
     ("committed, then pod failed oddly", row(result_attempt=1),
      seen(Phase.FAILED, exit_code=137, reason="Error"), Succeed()),
     ("committed, then pod deleted", row(result_attempt=1), seen(Phase.DELETED), Succeed()),

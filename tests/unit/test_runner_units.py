@@ -199,3 +199,47 @@ def test_one_line_limits_bytes_without_splitting_characters() -> None:
     message = one_line("第一行\n第二行 " * 500, limit=100)
     assert "\n" not in message and len(message.encode()) <= 100
     message.encode("utf-8").decode("utf-8")
+
+
+def test_crash_description_carries_no_exception_text() -> None:
+    """A real UnicodeEncodeError quoting a character of a secret: the line and the stack
+    name the type and the place, never the text (issue 10, defect 9)."""
+    from jobrunner.cli import describe_crash
+
+    secret = "pw-密"
+    try:
+        secret.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        message, stack = describe_crash(exc)
+    assert message.startswith("internal error in the jobrunner: UnicodeEncodeError at ")
+    assert "test_runner_units.py:" in message and stack
+    for text in [message, *stack]:
+        assert "密" not in text and "\\u5bc6" not in text and "position" not in text
+
+
+def test_content_length_is_parsed_strictly() -> None:
+    """Issue 10, defect 8: only digits, repeats only if equal."""
+    from jobrunner.webdav import _Retryable, declared_length
+
+    assert declared_length([]) is None
+    assert declared_length(["42"]) == 42
+    assert declared_length(["42", " 42 ", "42, 42"]) == 42
+    for bad in (["-1"], ["+1"], ["1_0"], ["4 2"], [""], ["0x10"], ["١٢"], ["1", "2"]):
+        with pytest.raises(_Retryable):
+            declared_length(bad)
+
+
+@pytest.mark.parametrize("vcodec", ["h264", "vp9", None])
+def test_every_read_of_the_source_is_pinned_to_the_allowed_demuxers(vcodec: str | None) -> None:
+    """Issue 10, defect 6: FFmpeg, like ffprobe, may only read the source as a
+    self-contained media file from the local disk."""
+    from jobrunner.probe import SOURCE_INPUT_OPTIONS
+
+    ws = Workspace(Path("/scratch"), ".mp4")
+    plan = make_plan(_info(vcodec), ws, EncodeOptions())
+    for cmd in (plan.pcm, plan.main):
+        assert cmd is not None
+        at = cmd.index(str(ws.source))
+        assert cmd[at - 1 - len(SOURCE_INPUT_OPTIONS) : at - 1] == SOURCE_INPUT_OPTIONS
+    assert "hls" not in SOURCE_INPUT_OPTIONS[3].split(",")
+    assert "concat" not in SOURCE_INPUT_OPTIONS[3].split(",")

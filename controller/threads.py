@@ -1,0 +1,58 @@
+"""A daemon thread whose unexpected end the probes can see.
+
+The watch caches, the lease and the LISTEN connection each run in a thread the service loop
+depends on but never joins. Each loops "forever" and handles the errors it expects; one it
+does not expect (a bug, an IndexError in a handler) used to end the thread with a traceback
+on stderr while the loop kept going on a frozen cache or a lease it no longer renews, and
+`/readyz` stayed 200. `problem()` turns such an end into a reason the probes report
+(controller/metrics.py `Health`), so the pod is restarted instead of silently going stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from dharma_common.errors import first_line
+
+log = logging.getLogger(__name__)
+
+
+class WatchedThread:
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.name = name
+        self._target = target
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._started = False
+        self._stopping = False
+        self._error: str | None = None
+
+    def start(self) -> None:
+        self._started = True
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Mark the end as intended (no problem to report), then wait for it."""
+        self._stopping = True
+        if self._started:
+            self._thread.join(timeout=timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def problem(self) -> str | None:
+        """Why the thread is gone when it should be running, else None."""
+        if not self._started or self._stopping or self._thread.is_alive():
+            return None
+        return f"thread {self.name} died: {self._error or 'it returned unexpectedly'}"
+
+    def _main(self) -> None:
+        try:
+            self._target()
+        except BaseException as exc:
+            # BaseException too: whatever ends the thread must be reported, not only errors.
+            kind, message = type(exc).__name__, first_line(exc)
+            self._error = kind if message == kind else f"{kind}: {message}"
+            log.critical("background thread died", exc_info=True,
+                         extra={"thread_name": self.name, "error": self._error})  # fmt: skip

@@ -1,0 +1,96 @@
+"""The controller's store against a real PostgreSQL: outcomes are fenced on the runner's
+commit, and a lock held elsewhere fails a statement within DB_LOCK_TIMEOUT_SECONDS instead
+of stalling the service loop."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from controller.model import RunnerKey
+from controller.settings import ControllerSettings
+from controller.store import DatabaseUnavailable, Store
+from dharma_common.settings import load_settings
+from tests.services import Database
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def claimed(db: Database, committed: bool) -> RunnerKey:
+    """A processing row at attempt 1, with or without the runner's commit."""
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO dharma.media_files (category_id, source_path)"
+            " VALUES ('talks', '/uploads/x.mp4') RETURNING id"
+        )
+        media_id = cur.fetchone()[0]
+        cur.execute(
+            "INSERT INTO dharma.stt_jobs (media_id, status, attempts, result_attempt)"
+            " VALUES (%s, 'processing', 1, %s) RETURNING id",
+            (media_id, 1 if committed else None),
+        )
+        return RunnerKey(cur.fetchone()[0], 1)
+
+
+def status(db: Database, key: RunnerKey) -> str:
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status FROM dharma.stt_jobs WHERE id = %s", (key.job_id,))
+        value: str = cur.fetchone()[0]
+        return value
+
+
+@pytest.fixture
+def store(db: Database) -> Iterator[Store]:
+    settings = load_settings(ControllerSettings, **db.env(), DB_LOCK_TIMEOUT_SECONDS="1")
+    opened = Store(settings, "test-controller")
+    yield opened
+    opened.close()
+
+
+def test_success_needs_the_runners_commit(db: Database, store: Store) -> None:
+    key = claimed(db, committed=False)
+    assert not store.record_success(key)
+    assert status(db, key) == "processing"
+
+
+def test_a_failure_never_overwrites_a_committed_result(db: Database, store: Store) -> None:
+    """The pass read the row before the runner committed and exited 0: its "exited 0 but did
+    not commit" failure must not land on the committed row."""
+    key = claimed(db, committed=True)
+    assert not store.record_retry(key, "runner_error_temporary", "not committed", 1.0, None)
+    assert not store.record_failure(key, "runner_error_temporary", "not committed")
+    assert status(db, key) == "processing"
+    assert store.record_success(key)
+    assert status(db, key) == "completed"
+
+
+def test_a_held_lock_fails_the_statement_within_the_lock_timeout(
+    db: Database, store: Store
+) -> None:
+    key = claimed(db, committed=False)
+    holder: Any = db.connect()
+    holder.autocommit = False
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM dharma.stt_jobs WHERE id = %s FOR UPDATE", (key.job_id,))
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="lock timeout"):
+            store.set_runner_name(key, "dharma-stt-1-1")
+        assert time.monotonic() - started < 5
+    finally:
+        holder.rollback()
+        holder.close()
+    assert store.set_runner_name(key, "dharma-stt-1-1")  # reconnects; the lock is gone
+
+
+def test_session_timeouts_are_set(store: Store) -> None:
+    with store._tx() as cur:
+        cur.execute(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')"
+        )
+        assert cur.fetchone() == ("30s", "1s", "1min")
