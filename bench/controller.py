@@ -754,9 +754,11 @@ def controller_env(
             "METRICS_PORT": str(port),
             "MAX_CONCURRENT_JOBS": str(args.cap),
             "RUNNER_IMAGE": "registry.invalid/dharma/jobrunner:bench",
-            # Small requests so `cap` pods fit on KWOK's 3 nodes (8 CPU, 110 pods each).
+            # Small requests so `cap` pods fit on KWOK's 3 nodes (8 CPU, 110 pods, 100Gi of
+            # ephemeral storage each; the scratch size is the runner's ephemeral request).
             "RUNNER_CPU_REQUEST": "10m",
             "RUNNER_MEMORY_REQUEST": "16Mi",
+            "RUNNER_SCRATCH_SIZE": "128Mi",
             "RUNNER_MEMORY_LIMIT": "256Mi",
             "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
             "RUNNER_POD_ANNOTATIONS": json.dumps(

@@ -18,7 +18,8 @@ Choices that matter:
   value is ever in the Job, in etcd's copy of it, or in `kubectl get job -o yaml`.
 - The pod passes the `restricted` Pod Security Standard: non-root (uid 10001), read-only
   root filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp,
-  no service-account token; scratch space is a size-limited emptyDir at /scratch.
+  no service-account token; scratch space is a size-limited emptyDir at /scratch, and the
+  container requests that much ephemeral storage so it is scheduled where the disk is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from controller.quantity import parse_bytes
+from controller.quantity import format_bytes, parse_bytes
 from controller.settings import ControllerSettings
 from dharma_common.contract import (
     APP_NAME,
@@ -45,6 +46,10 @@ CONTAINER_NAME = "runner"
 SCRATCH_VOLUME = "scratch"
 SCRATCH_MOUNT = "/scratch"
 RUNNER_UID = 10001
+#: Ephemeral storage the runner may use beyond its scratch emptyDir: the pod's limit also
+#: counts the container's log files (and any writable layer), and a limit equal to the
+#: sizeLimit would evict a runner whose scratch is still within bounds.
+EPHEMERAL_HEADROOM = "1Gi"
 #: Selects every Job and pod this controller made (its watches use it).
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
@@ -86,9 +91,21 @@ def _resources(settings: ControllerSettings, memory_limit: str | None) -> dict[s
     request = settings.RUNNER_MEMORY_REQUEST
     if parse_bytes(request) > parse_bytes(limit):
         request = limit
+    # Requesting the scratch size makes the scheduler place the runner on a node with that
+    # much disk free, instead of an eviction (exit 137, no message) half-way through.
+    scratch = settings.RUNNER_SCRATCH_SIZE
+    scratch_limit = format_bytes(parse_bytes(scratch) + parse_bytes(EPHEMERAL_HEADROOM))
     return {
-        "requests": {"cpu": settings.RUNNER_CPU_REQUEST, "memory": request},
-        "limits": {"cpu": settings.RUNNER_CPU_LIMIT, "memory": limit},
+        "requests": {
+            "cpu": settings.RUNNER_CPU_REQUEST,
+            "memory": request,
+            "ephemeral-storage": scratch,
+        },
+        "limits": {
+            "cpu": settings.RUNNER_CPU_LIMIT,
+            "memory": limit,
+            "ephemeral-storage": scratch_limit,
+        },
     }
 
 

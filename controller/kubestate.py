@@ -2,8 +2,8 @@
 
 Pure, so every shape Kubernetes produces — a Job that is Complete, Failed by its deadline or
 by the podFailurePolicy, a pod OOMKilled, stuck in ErrImagePull, unschedulable, deleted
-under a running Job, a disrupted pod replaced — is unit-tested from dicts
-(tests/unit/test_controller_kubestate.py).
+under a running Job, a disrupted pod replaced, a pod evicted by the kubelet — is unit-tested
+from dicts (tests/unit/test_controller_kubestate.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from controller.jobspec import CONTAINER_NAME
 from controller.model import (
     NOT_FOUND,
     REASON_DEADLINE,
+    REASON_EVICTED,
     REASON_OOM,
     REASON_UNSCHEDULABLE,
     Observation,
@@ -108,6 +109,16 @@ def _finished(
     """A failed attempt, from the pod's terminated state when there is one."""
     terminated = (_container_status(pod).get("state") or {}).get("terminated") if pod else None
     deleted = pod is not None and _was_deleted(pod)
+    status = (pod.get("status") or {}) if pod else {}
+    if status.get("reason") == REASON_EVICTED and not deleted:
+        # The kubelet killed it (137, no termination message): its own words say why, and
+        # whether the same attempt would be evicted again (reconcile decides).
+        return Observation(
+            Phase.FAILED, runner_name=base.runner_name, reason=REASON_EVICTED,
+            message=(status.get("message") or "").strip() or None,
+            exit_code=(terminated or {}).get("exitCode"), memory_limit=base.memory_limit,
+            image=base.image, finished_at=parse_time((terminated or {}).get("finishedAt")),
+        )  # fmt: skip
     if terminated:
         code = terminated.get("exitCode")
         reason = terminated.get("reason")
@@ -286,6 +297,8 @@ def trim_pod(pod: Obj) -> Obj:
         "metadata": _trim_meta(pod.get("metadata") or {}, _POD_LABELS),
         "status": {
             "phase": status.get("phase"),
+            # An eviction is told only here ("Evicted" and the kubelet's message).
+            **_pick(status, ("reason", "message")),
             "conditions": _trim_conditions(status),
             "containerStatuses": [
                 {"name": c.get("name"), "state": _trim_state(c.get("state"))}

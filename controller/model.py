@@ -69,6 +69,9 @@ REASON_OOM = "OOMKilled"
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_CONTROLLER_RESTARTED = "ControllerRestarted"
+#: The kubelet evicted the pod (its own ephemeral storage over the limit, or the node short
+#: of disk or memory); `Observation.message` carries the kubelet's words, which tell which.
+REASON_EVICTED = "Evicted"
 #: The executor could not create the runner and retrying the same spec cannot help.
 REASON_INVALID = "Invalid"
 #: A runner with this attempt's name exists but belongs to something else: never adopted.

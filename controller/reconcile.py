@@ -18,8 +18,9 @@ Rules, in order:
 3. A finished runner is classified: exit 0 without the commit is a temporary failure (a Job
    left from a restored database, or not ours, proves nothing); OOM kill (retried with a larger
    memory limit up to RUNNER_MEMORY_LIMIT_MAX); deadline (not retried: the same media would
-   time out again); exit 10 permanent / 11 or a crash temporary, with the runner's own
-   termination message; deleted externally (retried).
+   time out again); a kubelet eviction (permanent when the pod's own usage exceeded its
+   limit, temporary when the node ran short); exit 10 permanent / 11 or a crash temporary,
+   with the runner's own termination message; deleted externally (retried).
 4. A runner Pending longer than PENDING_TIMEOUT_SECONDS fails with the reason the cluster
    gives (image pull, unschedulable, missing Secret/ConfigMap) and is deleted.
 
@@ -40,6 +41,7 @@ from controller.model import (
     IMAGE_PULL_REASONS,
     REASON_CONTROLLER_RESTARTED,
     REASON_DEADLINE,
+    REASON_EVICTED,
     REASON_FOREIGN,
     REASON_INVALID,
     REASON_OOM,
@@ -66,6 +68,7 @@ class FailureReason(str, enum.Enum):
     PENDING_TIMEOUT = "pending_timeout"
     DELETED = "deleted_externally"
     CONTROLLER_RESTARTED = "controller_restarted"
+    EVICTED = "evicted"
     LAUNCH_FAILED = "launch_failed"
 
 
@@ -239,6 +242,8 @@ def _failed(row: JobRow, seen: Observation, settings: ControllerSettings) -> Act
             f"timed out after {seconds} s (JOB_DEADLINE_SECONDS)",
             retryable=False,
         )
+    if seen.reason == REASON_EVICTED:
+        return _evicted(seen.message)
     if seen.reason == REASON_CONTROLLER_RESTARTED:
         return Failure(
             FailureReason.CONTROLLER_RESTARTED,
@@ -275,6 +280,29 @@ def _failed(row: JobRow, seen: Observation, settings: ControllerSettings) -> Act
         f"the runner exited with code {code}{why} without a message",
         retryable=True,
     )
+
+
+#: Words of the kubelet's eviction messages for a pod over its *own* limits ("Pod ephemeral
+#: local storage usage exceeds the total limit of containers 2Gi.", "Usage of EmptyDir volume
+#: "scratch" exceeds the limit "20Gi".", "Container runner exceeded its local ephemeral
+#: storage limit "2Gi"."). Node pressure ("The node was low on resource: ...") has neither.
+_OWN_LIMIT_WORDS = ("exceeds the total limit", "exceeds the limit", "exceeded its local")
+
+
+def _evicted(message: str | None) -> Failure:
+    """An eviction for the pod's own usage would happen again with the same source and the
+    same RUNNER_SCRATCH_SIZE, so it is permanent; a node short of disk is another node's (or
+    a later hour's) problem, so it is retried. An unrecognised message is retried: the
+    attempt limit still bounds it."""
+    said = (message or "").strip()
+    own = any(words in said for words in _OWN_LIMIT_WORDS)
+    text = f"evicted by the kubelet: {said or 'no message'}"
+    if own:
+        text += (
+            " (the attempt needs more scratch space than RUNNER_SCRATCH_SIZE allows; "
+            "it would be evicted again)"
+        )
+    return Failure(FailureReason.EVICTED, text, retryable=not own)
 
 
 # ------------------------------------------------------------------ retry planning ---

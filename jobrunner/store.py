@@ -23,6 +23,19 @@ from jobrunner.errors import FencedOut, PermanentError, TemporaryError
 from jobrunner.subtitles import Segment
 
 Q = load_queries("jobrunner", "queries.sql")
+
+#: Session limits (milliseconds), so a runner blocked on a lock (a manual transaction, a
+#: stuck controller) or on a dead server fails its statement as a temporary error instead of
+#: hanging until the Job's deadline and holding its row. Fixed rather than settings: the
+#: runner's statements are few and of fixed shape, and the longest, the final transaction
+#: (the delete and re-insert of a talk's subtitle rows), is short; 120 s leaves it ample
+#: slack on a loaded database, so it is not a knob an operator needs. They are longer than
+#: the controller's (DB_*_TIMEOUT_SECONDS) because of that final transaction.
+SESSION_TIMEOUTS_MS = {
+    "statement_timeout": 120_000,
+    "lock_timeout": 30_000,
+    "idle_in_transaction_session_timeout": 120_000,
+}
 psycopg2.extras.register_uuid()  # type: ignore[no-untyped-call]
 
 
@@ -42,10 +55,12 @@ class RunnerStore:
 
     def __init__(self, settings: DatabaseSettings, job_id: int, attempt: int) -> None:
         self.job_id, self.attempt = job_id, attempt
+        kwargs = settings.connect_kwargs(f"dharma-jobrunner job={job_id} attempt={attempt}")
+        # Startup options: they hold from the first statement, with no extra round trip.
+        limits = " ".join(f"-c {name}={ms}" for name, ms in SESSION_TIMEOUTS_MS.items())
+        kwargs["options"] = " ".join(filter(None, (kwargs.get("options"), limits)))
         try:
-            self._conn: Any = psycopg2.connect(
-                **settings.connect_kwargs(f"dharma-jobrunner job={job_id} attempt={attempt}")
-            )
+            self._conn: Any = psycopg2.connect(**kwargs)
         except psycopg2.OperationalError as exc:
             raise TemporaryError(
                 f"cannot connect to PostgreSQL at {settings.describe()}: {_first_line(exc)}"

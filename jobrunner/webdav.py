@@ -9,7 +9,9 @@ Sessions are per thread because segment uploads run in parallel.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from tenacity import (
 
 from jobrunner.errors import (
     BadMediaError,
+    PermanentError,
     WebDAVPermanentError,
     WebDAVTemporaryError,
 )
@@ -54,6 +57,23 @@ _DIGITS = re.compile(r"[0-9]+")
 #: how long a server may be silent, this how little it may send (a 1 GB talk at this rate
 #: takes 18 hours, so no honest server is near it).
 MIN_BYTES_PER_SECOND = 16 * 1024
+
+#: Scratch space an attempt needs per byte of source: the source itself, plus the HLS
+#: segments and the MP4 (each about the source's size when re-encoded at its bitrate) and the
+#: 16 kHz WAV, all on the same emptyDir at once: about 2-3x the source (issue 10, item 3).
+#: 2.5 refuses the hopeless at once and still lets a talk of 40% of the scratch through.
+SCRATCH_FACTOR = 2.5
+
+
+def scratch_shortfall(declared: int, free: int) -> int | None:
+    """Bytes missing for an attempt on a `declared`-byte source with `free` bytes of scratch
+    (None if it fits)."""
+    missing = math.ceil(declared * SCRATCH_FACTOR) - free
+    return missing if missing > 0 else None
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 class _Retryable(Exception):
@@ -189,8 +209,20 @@ class WebDAVClient:
 
     # -- operations -----------------------------------------------------------------------
 
-    def download(self, segments: list[str], dest: Path, max_bytes: int) -> int:
-        """Stream a file to `dest`; returns its size. Refuses files over `max_bytes`."""
+    def download(
+        self,
+        segments: list[str],
+        dest: Path,
+        max_bytes: int,
+        *,
+        free_bytes: Callable[[Path], int] = _free_bytes,
+    ) -> int:
+        """Stream a file to `dest`; returns its size. Refuses files over `max_bytes`, and
+        files whose declared size times SCRATCH_FACTOR exceeds the free space where `dest`
+        lives — before writing a byte, so the attempt fails permanently with both sizes
+        instead of being evicted by the kubelet half-way (exit 137, retried, downloaded
+        again). `free_bytes` (shutil.disk_usage by default) is a parameter because a unit
+        test cannot make a real filesystem of a chosen size."""
         what = f"GET {url_path(segments)}"
 
         def attempt() -> int:
@@ -203,12 +235,30 @@ class WebDAVClient:
                         f"source {url_path(segments)} is {declared:,} bytes, over the "
                         f"limit of {max_bytes:,} (MAX_SOURCE_BYTES)"
                     )
+                if declared is not None:
+                    self._check_room(url_path(segments), declared, dest, free_bytes)
                 size = self._receive(response, dest, max_bytes, url_path(segments))
                 if declared is not None and size != declared:
                     raise _Retryable(f"download ended at {size:,} of {declared:,} bytes")
                 return size
 
         return self._call(what, attempt)
+
+    @staticmethod
+    def _check_room(
+        name: str, declared: int, dest: Path, free_bytes: Callable[[Path], int]
+    ) -> None:
+        """A partial file from an earlier try is about to be overwritten: its bytes count as
+        free."""
+        free = free_bytes(dest.parent) + (dest.stat().st_size if dest.exists() else 0)
+        missing = scratch_shortfall(declared, free)
+        if missing is not None:
+            raise PermanentError(
+                f"source {name} is {declared:,} bytes; processing it needs about "
+                f"{math.ceil(declared * SCRATCH_FACTOR):,} bytes of scratch space "
+                f"({SCRATCH_FACTOR}x) but {dest.parent} has {free:,} bytes free "
+                "(raise RUNNER_SCRATCH_SIZE)"
+            )
 
     @staticmethod
     def _declared(response: requests.Response) -> int | None:

@@ -109,6 +109,28 @@ def runner_placement_env() -> dict[str, str]:
     }
 
 
+def kube_controller_env(kube: Kube, namespace: str, db_env: dict[str, str]) -> dict[str, str]:
+    """The environment of a Kubernetes-executor controller run by a test as a local process
+    against `namespace`: this process's environment without its DB_/WEBDAV_ settings, the
+    test's database, fast polls and retries, no metrics port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
+    env.update(db_env)
+    env.update(
+        {
+            "EXECUTOR": "kubernetes",
+            "KUBECONFIG": str(kube.kubeconfig),
+            "NAMESPACE": namespace,
+            "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
+            "METRICS_PORT": "0",
+            "POLL_INTERVAL_SECONDS": "1",
+            "RETRY_BASE_SECONDS": "0.2",
+            "RETRY_MAX_SECONDS": "1",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+    )
+    return env
+
+
 @pytest.fixture
 def kube_setup(
     kube: Kube, kube_namespace: str, runner_env: dict[str, str], tmp_path: Path
@@ -139,25 +161,19 @@ def kube_setup(
         {"metadata": {"name": "dharma-stream"},
          "stringData": {k: runner_env[k] for k in secret_keys}},
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
-    env.update({k: runner_env[k] for k in runner_env if k.startswith("DB_")})
+    db_env = {k: runner_env[k] for k in runner_env if k.startswith("DB_")}
+    env = kube_controller_env(kube, kube_namespace, db_env)
     env.update(
         {
-            "EXECUTOR": "kubernetes",
-            "KUBECONFIG": str(kube.kubeconfig),
-            "NAMESPACE": kube_namespace,
-            "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
-            "METRICS_PORT": "0",
-            "POLL_INTERVAL_SECONDS": "1",
-            "RETRY_BASE_SECONDS": "0.2",
-            "RETRY_MAX_SECONDS": "1",
             "RUNNER_IMAGE": "registry.invalid/dharma/jobrunner:test",
             "RUNNER_CPU_REQUEST": "10m",
             "RUNNER_MEMORY_REQUEST": "16Mi",
             "RUNNER_MEMORY_LIMIT": "256Mi",
             "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
+            # The runner's ephemeral-storage request: small, so that 40 chaos runners fit
+            # on KWOK's nodes (100Gi each) as they would on a cluster sized for them.
+            "RUNNER_SCRATCH_SIZE": "256Mi",
             "LEASE_DURATION_SECONDS": "3",
-            "PYTHONPATH": runner_env["PYTHONPATH"],
         }
     )
     env.update(runner_placement_env())

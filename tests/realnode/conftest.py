@@ -14,7 +14,6 @@ host address and the same port (`scripts/testbed node-info`), and the API server
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import uuid
@@ -27,7 +26,8 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import Queue
-from tests.controller_helpers import REPO, ControllerProcess
+from tests.controller_fixtures import kube_controller_env
+from tests.controller_helpers import ControllerProcess
 from tests.images import CONTROLLER, IMAGES, RUNNER, Docker
 from tests.services import Database, WebDAVServer
 from tests.testbed import Kube, RealNode
@@ -125,18 +125,9 @@ def real_setup(
          "stringData": {k: pod_env[k] for k in secret_keys}},
     )  # fmt: skip
     placement = real_node.placement()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "WEBDAV_"))}
-    env.update(db.env())
+    env = kube_controller_env(kube, kube_namespace, db.env())
     env.update(
         {
-            "EXECUTOR": "kubernetes",
-            "KUBECONFIG": str(kube.kubeconfig),
-            "NAMESPACE": kube_namespace,
-            "POD_NAME": f"test-controller-{uuid.uuid4().hex[:8]}",
-            "METRICS_PORT": "0",
-            "POLL_INTERVAL_SECONDS": "1",
-            "RETRY_BASE_SECONDS": "0.2",
-            "RETRY_MAX_SECONDS": "1",
             "RUNNER_IMAGE": real_images["runner"],
             "RUNNER_IMAGE_PULL_POLICY": "Never",
             "RUNNER_CPU_REQUEST": "100m",
@@ -147,7 +138,6 @@ def real_setup(
             "RUNNER_SCRATCH_SIZE": "2Gi",
             "RUNNER_NODE_SELECTOR": json.dumps(placement["nodeSelector"]),
             "RUNNER_TOLERATIONS": json.dumps(placement["tolerations"]),
-            "PYTHONPATH": str(REPO),
         }
     )
     return RealSetup(kube, real_node, kube_namespace, env, pod_env, batch, core)

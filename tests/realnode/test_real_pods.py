@@ -357,3 +357,26 @@ def test_drain_of_the_node_costs_nothing(
     done = eventually(lambda: finished(queue, job_id), "the attempt to complete", timeout=240)
     assert (done["status"], done["attempts"]) == ("completed", 1)
     assert SPOKEN in subtitles(queue, media_id).lower()
+
+
+def test_scratch_over_its_size_limit_is_evicted_and_recorded(
+    real_setup: RealSetup,
+    queue: Queue,
+    dav: WebDAVServer,
+    talk: Talk,
+    start_controller: Start,
+) -> None:
+    """A runner whose scratch outgrows RUNNER_SCRATCH_SIZE: the kubelet's eviction manager
+    (not a simulation) evicts the pod with its own message, and the row says `evicted` with
+    that message instead of "exit 137 without a message" — and is not retried, since the
+    same source would outgrow the same scratch again."""
+    dav.faults.stall(1, 300, method="PUT")  # hold the runner, scratch full, past the check
+    job_id, _ = talk("h264_aac_mp4")
+    start_controller({**real_setup.env, "RUNNER_SCRATCH_SIZE": "64Ki"})
+    done = eventually(lambda: finished(queue, job_id), "the eviction to fail it", timeout=240)
+    assert (done["status"], done["failure_reason"], done["attempts"]) == (
+        "failed", "evicted", 1,
+    ), done  # fmt: skip
+    assert "scratch" in done["error_message"], done["error_message"]
+    (pod,) = real_setup.pods(done["runner_name"])
+    assert pod["status"].get("reason") == "Evicted", pod["status"]

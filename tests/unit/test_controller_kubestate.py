@@ -174,3 +174,30 @@ def test_disrupted_pod_awaiting_replacement_is_waited_out(
     now = (parse_time(T1) or dt.datetime.now(dt.timezone.utc)) + dt.timedelta(seconds=30)
     started = now - dt.timedelta(hours=2)
     assert isinstance(decide(row(processing_started_at=started), seen, now, SETTINGS), Wait)
+
+
+OWN_LIMIT = "Pod ephemeral local storage usage exceeds the total limit of containers 2Gi."
+NODE_PRESSURE = "The node was low on resource: ephemeral-storage."
+
+
+def _evicted(message: str) -> dict[str, Any]:
+    evicted = pod("Failed", terminated(137, "ContainerStatusUnknown"))
+    evicted["status"].update(reason="Evicted", message=message)
+    return evicted
+
+
+@pytest.mark.parametrize("message", [OWN_LIMIT, NODE_PRESSURE], ids=["own usage", "node pressure"])
+@pytest.mark.parametrize(
+    "conditions",
+    [({"type": "FailureTarget", "reason": "PodFailurePolicy"},), ()],
+    ids=["job failed", "pod seen first"],
+)
+def test_evicted_pod_carries_the_kubelets_message(
+    message: str, conditions: tuple[dict[str, Any], ...]
+) -> None:
+    """A kubelet eviction (its own ephemeral storage over the limit, or the node short of
+    disk) is not "exit 137 without a message": the reason and the kubelet's words survive
+    the cache's trimming."""
+    seen = observe_job(trim_job(job(*conditions)), [trim_pod(_evicted(message))])
+    assert (seen.phase, seen.reason, seen.message, seen.exit_code) == (
+        Phase.FAILED, "Evicted", message, 137)  # fmt: skip

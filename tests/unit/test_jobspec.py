@@ -87,14 +87,29 @@ def test_configuration_is_referenced_never_copied() -> None:
 def test_resources_and_oom_override() -> None:
     base = pod(job())["containers"][0]["resources"]
     assert base == {
-        "requests": {"cpu": "1", "memory": "1Gi"},
-        "limits": {"cpu": "2", "memory": "2Gi"},
+        "requests": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "20Gi"},
+        "limits": {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "21Gi"},
     }
     raised = pod(job("4Gi"))["containers"][0]["resources"]
     assert raised["limits"]["memory"] == "4Gi" and raised["requests"]["memory"] == "1Gi"
     # A request above the (lowered) limit would be rejected: it is clamped.
     small = pod(job("512Mi"))["containers"][0]["resources"]
     assert small["requests"]["memory"] == "512Mi"
+
+
+@pytest.mark.parametrize(
+    ("scratch", "request_", "limit"),
+    [("20Gi", "20Gi", "21Gi"), ("5Gi", "5Gi", "6Gi"), ("512Mi", "512Mi", "1536Mi"),
+     ("10G", "10G", "10814201Ki")],
+)  # fmt: skip
+def test_ephemeral_storage_follows_the_scratch_size(
+    scratch: str, request_: str, limit: str
+) -> None:
+    """The scheduler must place the runner where its scratch fits; the limit leaves room for
+    the container's logs above the emptyDir's sizeLimit."""
+    resources = pod(job(RUNNER_SCRATCH_SIZE=scratch))["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == request_
+    assert resources["limits"]["ephemeral-storage"] == limit
 
 
 def test_scratch_volume() -> None:

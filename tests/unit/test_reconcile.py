@@ -166,6 +166,24 @@ CASES: list[tuple[str, JobRow, Observation, Any]] = [
      Observation(Phase.NONE, since=ago(600), message="creating Job: 403 Forbidden"),
      Failure(FailureReason.LAUNCH_FAILED, "the runner could not be created for 600 s: "
              "creating Job: 403 Forbidden", retryable=True)),
+    ("evicted for its own disk usage", row(), seen(Phase.FAILED, exit_code=137, reason="Evicted",
+     message="Pod ephemeral local storage usage exceeds the total limit of containers 2Gi."),
+     Failure(FailureReason.EVICTED, "evicted by the kubelet: Pod ephemeral local storage usage "
+             "exceeds the total limit of containers 2Gi. (the attempt needs more scratch space "
+             "than RUNNER_SCRATCH_SIZE allows; it would be evicted again)", retryable=False)),
+    ("evicted for its emptyDir", row(), seen(Phase.FAILED, exit_code=137, reason="Evicted",
+     message='Usage of EmptyDir volume "scratch" exceeds the limit "20Gi". '),
+     Failure(FailureReason.EVICTED, 'evicted by the kubelet: Usage of EmptyDir volume "scratch" '
+             'exceeds the limit "20Gi". (the attempt needs more scratch space than '
+             "RUNNER_SCRATCH_SIZE allows; it would be evicted again)", retryable=False)),
+    ("evicted under node pressure", row(), seen(Phase.FAILED, exit_code=137, reason="Evicted",
+     message="The node was low on resource: ephemeral-storage. Container runner was using "
+             "3Gi, request is 20Gi, has larger consumption of ephemeral-storage. "),
+     Failure(FailureReason.EVICTED, "evicted by the kubelet: The node was low on resource: "
+             "ephemeral-storage. Container runner was using 3Gi, request is 20Gi, has larger "
+             "consumption of ephemeral-storage.", retryable=True)),
+    ("evicted without a message", row(), seen(Phase.FAILED, reason="Evicted"),
+     Failure(FailureReason.EVICTED, "evicted by the kubelet: no message", retryable=True)),
     ("launch rejected as invalid", row(runner_name=None),
      Observation(Phase.NONE, since=ago(1), message="422 Invalid", reason="Invalid"),
      Failure(FailureReason.LAUNCH_FAILED, "the runner could not be created: 422 Invalid",

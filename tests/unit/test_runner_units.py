@@ -243,3 +243,65 @@ def test_every_read_of_the_source_is_pinned_to_the_allowed_demuxers(vcodec: str 
         assert cmd[at - 1 - len(SOURCE_INPUT_OPTIONS) : at - 1] == SOURCE_INPUT_OPTIONS
     assert "hls" not in SOURCE_INPUT_OPTIONS[3].split(",")
     assert "concat" not in SOURCE_INPUT_OPTIONS[3].split(",")
+
+
+class _Headers(dict[str, str]):
+    def getlist(self, name: str) -> list[str]:
+        return [self[name]] if name in self else []
+
+
+class _Body:
+    """Just enough of a streamed `requests.Response` (and its `raw`) for
+    `WebDAVClient.download`."""
+
+    status_code, reason = 200, "OK"
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.headers = _Headers({"Content-Length": str(len(data))})
+        self.raw = self
+
+    def read1(self, size: int, decode_content: bool = False) -> bytes:
+        chunk, self._data = self._data[:size], self._data[size:]
+        return chunk
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("declared", "free", "missing"),
+    [(1000, 2500, None), (1000, 2499, 1), (0, 0, None), (8 * 1024**3, 20 * 1024**3, None),
+     (9 * 1024**3, 20 * 1024**3, int(2.5 * 9 * 1024**3) - 20 * 1024**3)],
+)  # fmt: skip
+def test_scratch_shortfall(declared: int, free: int, missing: int | None) -> None:
+    from jobrunner.webdav import scratch_shortfall
+
+    assert scratch_shortfall(declared, free) == missing
+
+
+@pytest.mark.parametrize(("free", "fits"), [(10_000, True), (2_000, False)])
+def test_download_refuses_a_source_the_scratch_space_cannot_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free: int, fits: bool
+) -> None:
+    """Checked before a byte is written: evicted at 20 GiB it would be retried three times,
+    downloading again each time. Free space comes through `free_bytes` (a real filesystem of
+    a chosen size is not something a unit test can make)."""
+    from jobrunner.webdav import WebDAVClient
+
+    client = WebDAVClient("http://dav.invalid", "", "")
+    monkeypatch.setattr(client, "_request", lambda *a, **k: _Body(b"x" * 1000))
+    dest = tmp_path / "source.mp4"
+
+    def download() -> int:
+        return client.download(["a.mp4"], dest, 10**6, free_bytes=lambda _: free)
+
+    if fits:
+        assert download() == 1000
+        return
+    with pytest.raises(PermanentError, match=r"1,000 bytes.*2,500.*2,000 bytes free"):
+        download()
+    assert not dest.exists()
