@@ -28,10 +28,18 @@ class JobRow:
     memory_limit: str | None = None
     processing_started_at: dt.datetime | None = None
     claimed_by: str | None = None
+    #: `attempts` when an operator last re-queued the row from a final status: the retry
+    #: budget counts from here, because `attempts` itself (the fencing token) never goes back.
+    attempts_base: int = 0
 
     @property
     def key(self) -> RunnerKey:
         return RunnerKey(self.id, self.attempts)
+
+    @property
+    def attempt_number(self) -> int:
+        """Which attempt of the current budget this is (1 .. max_attempts)."""
+        return self.attempts - self.attempts_base
 
 
 @dataclass(frozen=True, order=True)

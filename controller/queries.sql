@@ -11,7 +11,9 @@ SELECT pg_advisory_xact_lock(%(lock_key)s);
 -- One statement: count what is in flight, pick due candidates (priority first, then the
 -- longest-waiting), lock them skipping rows another transaction holds, and claim them. The
 -- candidate set is MATERIALIZED so LIMIT applies once to a locked set instead of being
--- re-evaluated per row as `id IN (SELECT ... LIMIT n)` may be.
+-- re-evaluated per row as `id IN (SELECT ... LIMIT n)` may be. No attempt filter: a pending
+-- row always has budget left (a retry is planned only while attempts - attempts_base <
+-- max_attempts, and a re-queue from a final status sets attempts_base, migration 0003).
 WITH capacity AS (
     SELECT GREATEST(0, LEAST(%(batch)s::int, %(max_in_flight)s::int - count(*)::int)) AS n
     FROM dharma.stt_jobs
@@ -35,13 +37,14 @@ SET status = 'processing',
 FROM candidates AS c
 WHERE j.id = c.id
 RETURNING j.id, j.media_id, j.status, j.attempts, j.max_attempts, j.runner_name,
-          j.result_attempt, j.memory_limit, j.processing_started_at, j.claimed_by;
+          j.result_attempt, j.memory_limit, j.processing_started_at, j.claimed_by,
+          j.attempts_base;
 
 -- name: inflight
 -- The rows this controller owns: every processing row (Kubernetes: the leader adopts them
 -- all), or only those it claimed itself (local executor: it can see only its own children).
 SELECT id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-       memory_limit, processing_started_at, claimed_by
+       memory_limit, processing_started_at, claimed_by, attempts_base
 FROM dharma.stt_jobs
 WHERE status = 'processing' AND (%(owner)s::text IS NULL OR claimed_by = %(owner)s::text)
 ORDER BY id;
@@ -50,7 +53,7 @@ ORDER BY id;
 -- Local executor: rows claimed by another controller so long ago that its runner must have
 -- been killed by that controller's deadline; nobody else will ever finish them.
 SELECT id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-       memory_limit, processing_started_at, claimed_by
+       memory_limit, processing_started_at, claimed_by, attempts_base
 FROM dharma.stt_jobs
 WHERE status = 'processing'
   AND claimed_by IS DISTINCT FROM %(owner)s::text

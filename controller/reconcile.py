@@ -337,11 +337,15 @@ def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> flo
 def plan_failure(
     row: JobRow, failure: Failure, settings: ControllerSettings, jitter: float
 ) -> Retry | GiveUp:
-    """Retry a retryable failure while attempts remain; otherwise fail the job."""
-    tally = f"attempt {row.attempts} of {row.max_attempts}"
-    if failure.retryable and row.attempts < row.max_attempts:
+    """Retry a retryable failure while attempts remain; otherwise fail the job.
+
+    Counted from the row's last re-queue (`attempt_number`), not from `attempts`: the fencing
+    token keeps growing across re-queues, the budget and the backoff start afresh."""
+    number = row.attempt_number
+    tally = f"attempt {number} of {row.max_attempts}"
+    if failure.retryable and number < row.max_attempts:
         delay = backoff_seconds(
-            row.attempts, settings.RETRY_BASE_SECONDS, settings.RETRY_MAX_SECONDS, jitter
+            number, settings.RETRY_BASE_SECONDS, settings.RETRY_MAX_SECONDS, jitter
         )
         more = f"; next attempt with memory limit {failure.memory_limit}" * bool(
             failure.memory_limit

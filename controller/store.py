@@ -36,7 +36,7 @@ class DatabaseUnavailable(Exception):
 
 def _row(values: Sequence[Any]) -> JobRow:
     (job_id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-     memory_limit, started, claimed_by) = values  # fmt: skip
+     memory_limit, started, claimed_by, attempts_base) = values  # fmt: skip
     return JobRow(
         id=job_id,
         media_id=media_id if isinstance(media_id, uuid.UUID) else uuid.UUID(str(media_id)),
@@ -48,6 +48,7 @@ def _row(values: Sequence[Any]) -> JobRow:
         memory_limit=memory_limit,
         processing_started_at=started,
         claimed_by=claimed_by,
+        attempts_base=attempts_base,
     )
 
 

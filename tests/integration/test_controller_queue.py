@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 
+from controller.migrate import available_migrations
 from controller.model import RunnerKey
+from controller.reconcile import Failure, FailureReason, GiveUp, Retry, plan_failure
+from controller.settings import ControllerSettings
 from controller.store import Store
 from tests.conftest import Queue
 from tests.controller_helpers import ControllerProcess, eventually
 from tests.services import Database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+SETTINGS = ControllerSettings(DB_HOST="db", DB_USER="u", RETRY_BASE_SECONDS=30)
 
 
 def media(queue: Queue) -> Any:
@@ -135,6 +140,97 @@ def test_status_writes_are_fenced(db: Database, queue: Queue) -> None:
     assert not store.record_success(RunnerKey(job_id, 2))
     assert not store.record_retry(RunnerKey(job_id, 2), "r", "m", 1.0, None)
     assert queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "cancelled"
+    store.close()
+
+
+def test_a_requeued_failed_row_gets_a_fresh_budget_and_stays_fenced(
+    db: Database, queue: Queue
+) -> None:
+    """Issue item 12: an operator's plain `SET status = 'pending'` on a row that failed after
+    max_attempts gives it max_attempts more attempts, while attempts keeps counting up so
+    the old attempts' runners stay fenced."""
+    (job_id,) = enqueue(queue, 1, max_attempts=2)
+    store = Store(db.settings, "test")
+    failure = Failure(FailureReason.RUNNER_TEMPORARY, "WebDAV 503", True)
+    for attempt in (1, 2):
+        (claimed,) = store.claim("a", 1, 10)
+        assert claimed.attempts == attempt
+        plan = plan_failure(claimed, failure, SETTINGS, jitter=0.0)
+        if isinstance(plan, Retry):
+            assert store.record_retry(claimed.key, plan.reason.value, plan.message, 0.0, None)
+        else:
+            assert store.record_failure(claimed.key, plan.reason.value, plan.message)
+    assert queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "failed"
+
+    queue.row("UPDATE dharma.stt_jobs SET status = 'pending' WHERE id = %s RETURNING id", job_id)
+    assert queue.row(
+        "SELECT error_message, failure_reason FROM dharma.stt_jobs WHERE id = %s", job_id
+    ) == (None, None)  # the old verdict is not shown on a job that waits again
+    for attempt, plan_type in ((3, Retry), (4, GiveUp)):
+        (claimed,) = store.claim("a", 1, 10)
+        assert claimed.attempts == attempt  # monotonic: never reused after the re-queue
+        plan = plan_failure(claimed, failure, SETTINGS, jitter=0.0)
+        assert isinstance(plan, plan_type), plan
+        assert f"(attempt {attempt - 2} of 2;" in plan.message
+        # The runners of the attempts before the re-queue stay fenced.
+        for stale in (1, 2):
+            assert not store.set_runner_name(RunnerKey(job_id, stale), "stale")
+            assert not store.record_success(RunnerKey(job_id, stale))
+            assert not store.record_failure(RunnerKey(job_id, stale), "r", "m")
+            assert not store.record_retry(RunnerKey(job_id, stale), "r", "m", 0.0, None)
+        if isinstance(plan, Retry):
+            assert store.record_retry(claimed.key, plan.reason.value, plan.message, 0.0, None)
+        else:
+            assert store.record_failure(claimed.key, plan.reason.value, plan.message)
+    assert queue.row("SELECT status, attempts FROM dharma.stt_jobs WHERE id = %s", job_id) == (
+        "failed",
+        4,
+    )
+    store.close()
+
+
+@pytest.mark.parametrize("final", ["failed", "cancelled", "completed"])
+def test_requeue_from_any_final_status_starts_a_budget(
+    db: Database, queue: Queue, final: str
+) -> None:
+    """Also after migration 0003 is applied a second time (idempotent like the others)."""
+    (migration,) = [m for m in available_migrations() if m.version == 3]
+    queue.row(migration.sql + "; SELECT 1")
+    (job_id,) = enqueue(queue, 1)
+    store = Store(db.settings, "test")
+    (claimed,) = store.claim("a", 1, 10)
+    queue.row(
+        "UPDATE dharma.stt_jobs SET status = %s, error_message = 'e', failure_reason = 'r'"
+        " WHERE id = %s RETURNING id",
+        final,
+        job_id,
+    )
+    queue.row(
+        "UPDATE dharma.stt_jobs SET status = 'pending', error_message = 'kept'"
+        " WHERE id = %s RETURNING id",
+        job_id,
+    )
+    assert queue.row(
+        "SELECT attempts_base, error_message, failure_reason FROM dharma.stt_jobs WHERE id = %s",
+        job_id,
+    ) == (1, "kept", None)  # what the operator's UPDATE sets itself is kept
+    (again,) = store.claim("a", 1, 10)
+    assert (again.attempts, again.attempt_number) == (2, 1)
+    assert not store.record_success(claimed.key)
+    store.close()
+
+
+def test_a_reset_of_a_processing_row_keeps_its_budget(db: Database, queue: Queue) -> None:
+    """Only a terminal row re-queued starts a fresh budget: a stuck `processing` row set back
+    to pending continues where it was, or resets could retry a job forever."""
+    (job_id,) = enqueue(queue, 1, max_attempts=2)
+    store = Store(db.settings, "test")
+    store.claim("a", 1, 10)
+    queue.row("UPDATE dharma.stt_jobs SET status = 'pending' WHERE id = %s RETURNING id", job_id)
+    (claimed,) = store.claim("a", 1, 10)
+    assert (claimed.attempts, claimed.attempts_base) == (2, 0)
+    failure = Failure(FailureReason.RUNNER_TEMPORARY, "WebDAV 503", True)
+    assert isinstance(plan_failure(claimed, failure, SETTINGS, jitter=0.0), GiveUp)
     store.close()
 
 

@@ -221,6 +221,18 @@ def test_give_up_when_attempts_are_used_up() -> None:
     )
 
 
+def test_a_requeued_row_counts_its_attempts_from_the_re_queue() -> None:
+    """Issue item 12: a failed row set back to pending (attempts_base = 3, the attempts it had
+    used) gets max_attempts more; the tally and the backoff are relative to the re-queue."""
+    failure = Failure(FailureReason.RUNNER_TEMPORARY, "WebDAV 503", True)
+    assert plan_failure(row(attempts=4, attempts_base=3), failure, SETTINGS, 0.0) == Retry(
+        FailureReason.RUNNER_TEMPORARY, "WebDAV 503 (attempt 1 of 3; retrying in 15 s)", 15.0, None
+    )
+    assert plan_failure(row(attempts=6, attempts_base=3), failure, SETTINGS, 0.0) == GiveUp(
+        FailureReason.RUNNER_TEMPORARY, "WebDAV 503 (attempt 3 of 3; no attempts left)"
+    )
+
+
 def test_permanent_failure_is_final_at_once() -> None:
     failure = Failure(FailureReason.RUNNER_PERMANENT, "bad media", False)
     assert plan_failure(row(attempts=1), failure, SETTINGS, 0.3) == GiveUp(
