@@ -109,6 +109,28 @@ def runner_placement_env() -> dict[str, str]:
     }
 
 
+#: The runner's settings that go into its Secret, not its ConfigMap.
+RUNNER_SECRET_KEYS = ("DB_PASSWORD", "WEBDAV_PASSWORD")
+
+
+def prepare_runner_namespace(core: Any, namespace: str, runner_env: dict[str, str]) -> None:
+    """Enforce the `restricted` Pod Security Standard on the namespace (so the API server
+    rejects any runner pod of ours that is not hardened) and create the runner's ConfigMap
+    and Secret from `runner_env`, the passwords in the Secret only (as the chart does)."""
+    restricted = {f"pod-security.kubernetes.io/{mode}": "restricted"
+                  for mode in ("enforce", "warn", "audit")}  # fmt: skip
+    core.patch_namespace(namespace, {"metadata": {"labels": restricted}})
+    config = {k: v for k, v in runner_env.items() if k not in RUNNER_SECRET_KEYS}
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "dharma-stream-runner"}, "data": config}
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "dharma-stream"},
+         "stringData": {k: runner_env[k] for k in RUNNER_SECRET_KEYS}},
+    )  # fmt: skip
+
+
 def kube_controller_env(kube: Kube, namespace: str, db_env: dict[str, str]) -> dict[str, str]:
     """The environment of a Kubernetes-executor controller run by a test as a local process
     against `namespace`: this process's environment without its DB_/WEBDAV_ settings, the
@@ -143,24 +165,11 @@ def kube_setup(
     kube.require_fates("the controller's e2e tests")
     core: Any = client.CoreV1Api(kube.api_client)
     batch: Any = client.BatchV1Api(kube.api_client)
-    restricted = {f"pod-security.kubernetes.io/{mode}": "restricted"
-                  for mode in ("enforce", "warn", "audit")}  # fmt: skip
-    core.patch_namespace(kube_namespace, {"metadata": {"labels": restricted}})
-    secret_keys = {"DB_PASSWORD", "WEBDAV_PASSWORD"}
     runner_config = {
         k: v for k, v in runner_env.items()
         if k.startswith(("DB_", "WEBDAV_", "WHISPER_", "HTTP_", "PROGRESS_"))
-        and k not in secret_keys
     }  # fmt: skip
-    core.create_namespaced_config_map(
-        kube_namespace,
-        {"metadata": {"name": "dharma-stream-runner"}, "data": runner_config},
-    )
-    core.create_namespaced_secret(
-        kube_namespace,
-        {"metadata": {"name": "dharma-stream"},
-         "stringData": {k: runner_env[k] for k in secret_keys}},
-    )  # fmt: skip
+    prepare_runner_namespace(core, kube_namespace, runner_config)
     db_env = {k: runner_env[k] for k in runner_env if k.startswith("DB_")}
     env = kube_controller_env(kube, kube_namespace, db_env)
     env.update(

@@ -26,8 +26,7 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import Queue
-from tests.controller_fixtures import kube_controller_env
-from tests.controller_helpers import ControllerProcess
+from tests.controller_fixtures import kube_controller_env, prepare_runner_namespace
 from tests.images import CONTROLLER, IMAGES, RUNNER, Docker
 from tests.services import Database, WebDAVServer
 from tests.testbed import Kube, RealNode
@@ -107,23 +106,12 @@ def real_setup(
 ) -> RealSetup:
     core: Any = client.CoreV1Api(kube.api_client)
     batch: Any = client.BatchV1Api(kube.api_client)
-    restricted = {f"pod-security.kubernetes.io/{mode}": "restricted"
-                  for mode in ("enforce", "warn", "audit")}  # fmt: skip
-    core.patch_namespace(kube_namespace, {"metadata": {"labels": restricted}})
     pod_env = pod_services_env(real_node, db, dav)
-    secret_keys = {"DB_PASSWORD", "WEBDAV_PASSWORD"}
-    runner_config = {k: v for k, v in pod_env.items() if k not in secret_keys}
-    runner_config.update(
-        {"WHISPER_LANGUAGE": "en", "WHISPER_THREADS": "2", "PROGRESS_INTERVAL_SECONDS": "0.5"}
-    )
-    core.create_namespaced_config_map(
-        kube_namespace, {"metadata": {"name": "dharma-stream-runner"}, "data": runner_config}
-    )
-    core.create_namespaced_secret(
-        kube_namespace,
-        {"metadata": {"name": "dharma-stream"},
-         "stringData": {k: pod_env[k] for k in secret_keys}},
-    )  # fmt: skip
+    runner_env = {
+        **pod_env, "WHISPER_LANGUAGE": "en", "WHISPER_THREADS": "2",
+        "PROGRESS_INTERVAL_SECONDS": "0.5",
+    }  # fmt: skip
+    prepare_runner_namespace(core, kube_namespace, runner_env)
     placement = real_node.placement()
     env = kube_controller_env(kube, kube_namespace, db.env())
     env.update(
@@ -141,9 +129,6 @@ def real_setup(
         }
     )
     return RealSetup(kube, real_node, kube_namespace, env, pod_env, batch, core)
-
-
-Start = Callable[..., ControllerProcess]
 
 
 @pytest.fixture
