@@ -72,7 +72,6 @@ from tests.simulated_runner import SimulatedCommits
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED = REPO / "scripts" / "testbed"
-JOB_PREFIX = "dharma-stt"
 #: The API server's priority-and-fairness flow schema for non-system ServiceAccounts: on the
 #: testbed only this benchmark's controller uses one, so its counter is the controller's.
 SA_FLOW_SCHEMA = "service-accounts"
@@ -1080,7 +1079,9 @@ STAGES = ("job", "pod created", "pod scheduled", "pod running", "pod finished", 
 def _breakdown(r: Results) -> list[tuple[str, str, str, str]]:
     """Median and p99 of each step of an attempt's life, burst rows only (where time goes
     when the cap binds; this is what bounds Jobs per second: cap / attempt cycle)."""
-    names = [f"{JOB_PREFIX}-{i}-1" for i in r.burst_ids]
+    # Job names end in `-<job id>-<attempt>` (before it: the prefix and the instance hash).
+    burst = {str(i) for i in r.burst_ids}
+    names = sorted({n for n, _ in r.marks if n.endswith("-1") and n.split("-")[-2] in burst})
     rows = []
     for before, after in itertools.pairwise(STAGES):
         deltas = [r.marks[(n, after)] - r.marks[(n, before)] for n in names

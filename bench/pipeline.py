@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg2
 
+from bench.runs import claimed_attempt, runner_command
 from tests.media import MODELS, WEIGHTLESS_MODEL, make_long_talk
 from tests.services import DatabaseFactory, PostgresServer, WebDAVServer
 
@@ -91,21 +92,7 @@ def main() -> int:
             upload = f"/uploads/{source.name}"
             dav.put_file(upload, source)
             for _ in range(args.repeat):
-                with conn.cursor() as cur:
-                    cur.execute(
-                        "INSERT INTO dharma.media_files (category_id, source_path) VALUES"
-                        " ('bench', %s) RETURNING id", (upload,),
-                    )  # fmt: skip
-                    media_id = cur.fetchone()[0]
-                    cur.execute(
-                        "INSERT INTO dharma.stt_jobs (media_id, status, attempts) VALUES"
-                        " (%s, 'processing', 1) RETURNING id", (media_id,),
-                    )  # fmt: skip
-                    job_id = cur.fetchone()[0]
-                ours = _measured(
-                    [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job_id),
-                     "--attempt", "1"], env,
-                )  # fmt: skip
+                ours = _measured(runner_command(claimed_attempt(conn, upload)), env)
                 work = scratch / "naive"
                 naive = _measured(
                     [sys.executable, "-m", "bench.naive", str(source), str(work), str(args.model),

@@ -223,7 +223,12 @@ def report(conn: Any, args: argparse.Namespace) -> None:
     fence = {"job_id": some_processing, "attempt": 1}
     no_queue_indexes = tuple(
         f"DROP INDEX dharma.{index}"
-        for index in ("stt_jobs_claim_idx", "stt_jobs_due_idx", "stt_jobs_processing_idx")
+        for index in (
+            "stt_jobs_claim_idx",
+            "stt_jobs_due_idx",
+            "stt_jobs_processing_idx",
+            "stt_jobs_live_media_idx",
+        )
     )
     cases = [
         Case(f"claim ({batch} rows, one statement)", claim, uncounted=1),

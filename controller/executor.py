@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from controller.jobspec import LaunchSpec
+from controller.jobspec import Instance, LaunchSpec
 from controller.model import Observation, RunnerKey
 
 
@@ -39,6 +39,10 @@ class Executor(Protocol):
     #: Rows this executor can see runners for: None = every processing row (Kubernetes, the
     #: leader adopts all), else the `claimed_by` identity (local: only its own children).
     owner: str | None
+
+    def bind(self, instance: Instance) -> None:
+        """The installation this controller serves (read from the database before `start`):
+        only its runners are observed, adopted and deleted."""
 
     def start(self, wake: Callable[[], None]) -> None:
         """Begin observing; call `wake()` whenever something changed."""

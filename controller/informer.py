@@ -68,7 +68,9 @@ class Informer:
         self.resource = resource
         self._list = list_fn
         self._namespace = namespace
-        self._selector = selector
+        #: Label selector of every list and watch; may be set until `start` (KubernetesExecutor
+        #: binds its installation's selector late, once the database has said which it is).
+        self.selector = selector
         self._trim = trim
         self._on_change = on_change
         self._on_relist = on_relist
@@ -151,7 +153,7 @@ class Informer:
         token: str | None = None
         version = ""
         while True:
-            kwargs: dict[str, Any] = {"label_selector": self._selector, "limit": LIST_PAGE_SIZE}
+            kwargs: dict[str, Any] = {"label_selector": self.selector, "limit": LIST_PAGE_SIZE}
             if token:
                 kwargs["_continue"] = token
             response = self._list(
@@ -193,7 +195,7 @@ class Informer:
     def _watch(self, version: str) -> str:
         response = self._list(
             self._namespace,
-            label_selector=self._selector,
+            label_selector=self.selector,
             watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,

@@ -1,8 +1,12 @@
 """The Kubernetes executor: one batch/v1 Job per attempt, observed through list+watch caches.
 
 Launching is `create` of the deterministic Job (controller/jobspec.py); AlreadyExists means
-the attempt was launched before (by this process before a crash, or by the previous leader),
-so launching is exactly-once without any bookkeeping. Creates of one claimed batch run in
+the attempt was launched before (by this process before a crash, or by the previous leader)
+once the existing Job's labels say so, so launching is exactly-once without any bookkeeping.
+Everything is scoped to this installation (`Instance`, bound before `start`): the caches
+list and watch only Jobs and pods with its instance label, and a Job without it is never
+adopted, recorded or deleted (another release in the namespace; a database restored to an
+older state, whose job ids repeat). Creates of one claimed batch run in
 parallel (LAUNCH_CONCURRENCY). Observation reads only the caches; the API is asked directly
 only to confirm that a recorded Job has really vanished (a cache may lag behind).
 
@@ -23,12 +27,12 @@ from kubernetes.config.config_exception import ConfigException
 
 from controller.executor import Launched
 from controller.informer import Informer
-from controller.jobspec import MANAGED_SELECTOR, LaunchSpec, build_job, job_name
+from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
 from controller.metrics import Metrics
 from controller.model import NOT_FOUND, Observation, Phase, RunnerKey
 from controller.settings import ControllerSettings
-from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.contract import LABEL_ATTEMPT, LABEL_INSTANCE, LABEL_JOB_ID
 from dharma_common.errors import first_line
 from dharma_common.settings import ConfigError
 
@@ -77,9 +81,14 @@ class KubernetesExecutor:
     owner: str | None = None
 
     def __init__(
-        self, settings: ControllerSettings, api: client.ApiClient, metrics: Metrics | None = None
+        self,
+        settings: ControllerSettings,
+        api: client.ApiClient,
+        metrics: Metrics | None = None,
+        instance: Instance | None = None,
     ) -> None:
         self._settings = settings
+        self._instance = instance
         # Any: bodies and responses are raw JSON (_preload_content=False), not models.
         self._batch: Any = client.BatchV1Api(api)
         self._core: Any = client.CoreV1Api(api)
@@ -88,7 +97,8 @@ class KubernetesExecutor:
         self._wake: Callable[[], None] = lambda: None
         common = {
             "namespace": settings.NAMESPACE,
-            "selector": MANAGED_SELECTOR,
+            # Set by bind(): nothing is listed or watched before the instance is known.
+            "selector": instance.selector if instance else "",
             "on_change": self._changed,
             "api_timeout": settings.KUBE_API_TIMEOUT_SECONDS,
             "watch_timeout": settings.KUBE_WATCH_TIMEOUT_SECONDS,
@@ -111,6 +121,21 @@ class KubernetesExecutor:
         job = self.jobs.get(name) if name else None
         return job is not None and not job["metadata"].get("deletionTimestamp")
 
+    def bind(self, instance: Instance) -> None:
+        """Scope this executor to one installation (before `start`): the caches select its
+        Jobs and pods, names carry its hash, and adopting or deleting checks its label."""
+        self._instance = instance
+        self.jobs.selector = self.pods.selector = instance.selector
+
+    @property
+    def instance(self) -> Instance:
+        if self._instance is None:
+            raise RuntimeError("KubernetesExecutor used before bind(instance)")
+        return self._instance
+
+    def _name(self, key: RunnerKey) -> str:
+        return job_name(self._settings, self.instance, key.job_id, key.attempt)
+
     def use_metrics(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
@@ -124,6 +149,7 @@ class KubernetesExecutor:
     # ------------------------------------------------------------------ lifecycle ---
 
     def start(self, wake: Callable[[], None]) -> None:
+        self.instance  # noqa: B018 - raises unless bound: never watch every installation's Jobs
         self._wake = wake
         self.jobs.start()
         self.pods.start()
@@ -147,9 +173,9 @@ class KubernetesExecutor:
 
     def _create(self, spec: LaunchSpec) -> Launched:
         key = RunnerKey(spec.job_id, spec.attempt)
-        name = job_name(self._settings, spec.job_id, spec.attempt)
+        name = self._name(key)
         try:
-            body = build_job(self._settings, spec)
+            body = build_job(self._settings, spec, self.instance)
             response = self._batch.create_namespaced_job(
                 self._settings.NAMESPACE, body, _preload_content=False,
                 _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
@@ -178,7 +204,7 @@ class KubernetesExecutor:
             return Launched(key, None, error=f"reading existing Job {name}: {_status_reason(exc)}")
         except Exception as exc:
             return Launched(key, None, error=f"reading existing Job {name}: {first_line(exc)}")
-        wrong = foreign_labels(job, key)
+        wrong = foreign_labels(job, key, self.instance.label)
         if wrong:
             error = f"Job {name} already exists but is not this attempt's ({wrong})"
             return Launched(key, None, error=error, foreign=True)
@@ -191,9 +217,9 @@ class KubernetesExecutor:
         return self.pods.by_index(name)
 
     def observe(self, key: RunnerKey) -> Observation:
-        name = job_name(self._settings, key.job_id, key.attempt)
+        name = self._name(key)
         job = self.jobs.get(name)
-        if job is None or foreign_labels(job, key):
+        if job is None or foreign_labels(job, key, self.instance.label):
             return NOT_FOUND  # a Job of that name that is not this attempt's says nothing
         return observe_job(job, self._pods_of(name))
 
@@ -212,20 +238,24 @@ class KubernetesExecutor:
             log.warning("cannot confirm a Job", extra={"error": str(exc)[:300]})
             return NOT_FOUND
         job = json.loads(response.data)
-        if foreign_labels(job, key):  # ours was replaced by a Job that is not this attempt's
+        if foreign_labels(job, key, self.instance.label):  # not this attempt's Job (any more)
             return Observation(Phase.DELETED, runner_name=runner_name, deleted_kind="Job")
         self.jobs.put(job)
         return observe_job(trim_job(job), self._pods_of(runner_name))
 
     def _key(self, job: Obj) -> RunnerKey | None:
+        """The attempt a cached Job runs, if it is this installation's: its instance label
+        and its name must both be ours (the selector already asks for the label; this keeps
+        a Job put into the cache by other means from being swept as ours)."""
         meta = job["metadata"]
         labels = meta.get("labels") or {}
-        if not str(meta.get("name", "")).startswith(self._settings.JOB_NAME_PREFIX + "-"):
+        if labels.get(LABEL_INSTANCE) != self.instance.label:
             return None
         try:
-            return RunnerKey(int(labels[LABEL_JOB_ID]), int(labels[LABEL_ATTEMPT]))
+            key = RunnerKey(int(labels[LABEL_JOB_ID]), int(labels[LABEL_ATTEMPT]))
         except (KeyError, ValueError):
             return None
+        return key if meta.get("name") == self._name(key) else None
 
     def alive(self) -> list[RunnerKey]:
         """Jobs whose runner has not ended. A pod that ended counts as ended even before the
@@ -247,7 +277,9 @@ class KubernetesExecutor:
         return []
 
     def delete(self, key: RunnerKey) -> None:
-        name = job_name(self._settings, key.job_id, key.attempt)
+        """Delete this installation's Job of `key`: the name carries the instance hash, so
+        another installation's Job of the same job id and attempt is never hit."""
+        name = self._name(key)
         try:
             self._batch.delete_namespaced_job(
                 name, self._settings.NAMESPACE, propagation_policy="Background",

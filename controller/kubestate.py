@@ -22,7 +22,13 @@ from controller.model import (
     Phase,
     RunnerKey,
 )
-from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_MANAGED_BY, MANAGED_BY
+from dharma_common.contract import (
+    LABEL_ATTEMPT,
+    LABEL_INSTANCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+)
 
 #: Set by the pod cache on a pod that was deleted (a tombstone), so "deleted externally"
 #: can still be told after the object is gone.
@@ -65,14 +71,15 @@ def _disrupted(pod: Obj) -> bool:
     return "DisruptionTarget" in _true_conditions(pod)
 
 
-def foreign_labels(job: Obj, key: RunnerKey) -> str | None:
+def foreign_labels(job: Obj, key: RunnerKey, instance_label: str) -> str | None:
     """Which of the labels that make a Job this attempt's runner differ (job id, attempt,
-    managed-by), as "label=value, ..."; None if it is ours. A Job with the deterministic
-    name is not necessarily ours (a restored database reuses ids, someone else's Job), and
-    adopting it would record its outcome as this attempt's."""
+    managed-by, instance), as "label=value, ..."; None if it is ours. A Job with the
+    deterministic name is not necessarily ours (another installation's, someone else's), and
+    adopting it would record its outcome as this attempt's. `instance_label` is this
+    installation's `dharma.stream/instance` value (controller/jobspec.py `Instance.label`)."""
     labels = (job.get("metadata") or {}).get("labels") or {}
     expected = {LABEL_JOB_ID: str(key.job_id), LABEL_ATTEMPT: str(key.attempt),
-                LABEL_MANAGED_BY: MANAGED_BY}  # fmt: skip
+                LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: instance_label}  # fmt: skip
     wrong = [f"{name}={labels.get(name, '<unset>')}"
              for name, value in expected.items() if labels.get(name) != value]  # fmt: skip
     return ", ".join(wrong) or None
@@ -226,8 +233,8 @@ def is_finished(job: Obj) -> bool:
     return bool({"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"} & set(conditions))
 
 
-#: The labels the executor reads: a Job's fencing token, a pod's Job (kube.py).
-_JOB_LABELS = (LABEL_JOB_ID, LABEL_ATTEMPT, LABEL_MANAGED_BY)
+#: The labels the executor reads: a Job's fencing token and installation, a pod's Job (kube.py).
+_JOB_LABELS = (LABEL_JOB_ID, LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_INSTANCE)
 _POD_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 
 

@@ -15,7 +15,9 @@ semantics as a Kubernetes Job, enforced here:
   when it exceeds the limit, reported as "OOM-killed (memory limit X)". Sampling can miss a
   spike shorter than the interval; the kernel's own OOM killer stays the backstop.
 
-The runner inherits the controller's environment (DB_*, WEBDAV_*, WHISPER_*, ...).
+The runner inherits the controller's environment (DB_*, WEBDAV_*, WHISPER_*, ...), except
+that with LOCAL_RUNNER_DB_USER set it connects as that login (a member of role dharma_runner,
+migration 0005) with LOCAL_RUNNER_DB_PASSWORD, never with the controller's password.
 
 After a controller crash its runners are orphans it cannot wait for (no exit status). On
 start it finds them through the pid files (pid + start time, so a reused pid is never
@@ -38,13 +40,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controller import faults, procfs
 from controller.executor import Launched
-from controller.jobspec import LaunchSpec, job_name
+from controller.jobspec import Instance, LaunchSpec
 from controller.model import (
     REASON_CONTROLLER_RESTARTED,
     REASON_DEADLINE,
@@ -65,8 +67,29 @@ MONITOR_INTERVAL_SECONDS = 0.25
 _ATTEMPT_DIR = re.compile(r"^(\d+)-(\d+)$")
 
 
+def runner_environment(settings: ControllerSettings, environ: Mapping[str, str]) -> dict[str, str]:
+    """A runner process's environment: the controller's, with the runners' own database
+    login in place of the controller's when LOCAL_RUNNER_DB_USER is set (least privilege:
+    the runner's role may only touch its own row, its media row and subtitles)."""
+    env = {k: v for k, v in environ.items() if not k.startswith("LOCAL_RUNNER_DB_")}
+    if settings.LOCAL_RUNNER_DB_USER:
+        env["DB_USER"] = settings.LOCAL_RUNNER_DB_USER
+        env.pop("DB_PASSWORD", None)
+        password = settings.LOCAL_RUNNER_DB_PASSWORD.get_secret_value()
+        if password:
+            env["DB_PASSWORD"] = password
+    return env
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def local_runner_name(settings: ControllerSettings, key: RunnerKey) -> str:
+    """`<prefix>-<job id>-<attempt>`: no instance hash, unlike a Job's name. Local runners are
+    this controller's own child processes under LOCAL_SCRATCH_DIR/<identity>/, never shared
+    with another installation the way a namespace is, so there is nothing to tell apart."""
+    return f"{settings.JOB_NAME_PREFIX}-{key.job_id}-{key.attempt}"
 
 
 @dataclass
@@ -114,6 +137,9 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ lifecycle ---
 
+    def bind(self, instance: Instance) -> None:
+        """Nothing to scope: see `local_runner_name`."""
+
     def start(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -156,14 +182,14 @@ class LocalExecutor:
 
     def _launch_one(self, spec: LaunchSpec) -> Launched:
         key = RunnerKey(spec.job_id, spec.attempt)
-        name = job_name(self._settings, spec.job_id, spec.attempt)
+        name = local_runner_name(self._settings, RunnerKey(spec.job_id, spec.attempt))
         with self._lock:
             if key in self._runners:
                 return Launched(key, name)
         directory = self._root / f"{spec.job_id}-{spec.attempt}"
         shutil.rmtree(directory, ignore_errors=True)
         (directory / "scratch").mkdir(parents=True, mode=0o700)
-        env = dict(os.environ)
+        env = runner_environment(self._settings, os.environ)
         env["SCRATCH_DIR"] = str(directory / "scratch")
         env["TERMINATION_MESSAGE_PATH"] = str(directory / "termination-log")
         command = [sys.executable, "-m", "jobrunner", "run",
@@ -379,7 +405,7 @@ class LocalExecutor:
             key = RunnerKey(int(match[1]), int(match[2]))
             pid, start = self._orphan_pid(directory)
             runner = _Runner(
-                key, job_name(self._settings, key.job_id, key.attempt), pid, directory, None,
+                key, local_runner_name(self._settings, key), pid, directory, None,
                 time.monotonic(), _utcnow(), 0, start, killed_for="orphan",
             )  # fmt: skip
             with log_context(job_id=key.job_id, attempt=key.attempt):

@@ -14,14 +14,24 @@ SELECT pg_advisory_xact_lock(%(lock_key)s);
 -- re-evaluated per row as `id IN (SELECT ... LIMIT n)` may be. No attempt filter: a pending
 -- row always has budget left (a retry is planned only while attempts - attempts_base <
 -- max_attempts, and a re-queue from a final status sets attempts_base, migration 0003).
+-- One run per media (issue 10, defect 11): a pending row is a candidate only when no row of
+-- its media is processing and no older (lower id) row of its media is pending, so two jobs
+-- of one media never run at once (their files and subtitles would mix) and a media's jobs
+-- run in insertion order (the last request's result stands). Claimers hold claim_lock, so
+-- this statement's snapshot sees every earlier claim. Held rows simply wait; other media
+-- are not held up. Index: stt_jobs_live_media_idx (migration 0006).
 WITH capacity AS (
     SELECT GREATEST(0, LEAST(%(batch)s::int, %(max_in_flight)s::int - count(*)::int)) AS n
     FROM dharma.stt_jobs
     WHERE status = 'processing'
 ), candidates AS MATERIALIZED (
     SELECT id
-    FROM dharma.stt_jobs
+    FROM dharma.stt_jobs AS p
     WHERE status = 'pending' AND run_after <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM dharma.stt_jobs AS o
+          WHERE o.media_id = p.media_id AND o.status IN ('pending', 'processing')
+            AND (o.status = 'processing' OR o.id < p.id))
     ORDER BY priority DESC, run_after, id
     LIMIT (SELECT n FROM capacity)
     FOR UPDATE SKIP LOCKED
@@ -111,6 +121,17 @@ WHERE status = 'pending' AND run_after <= now();
 
 -- name: next_due
 -- Seconds until the next pending row becomes claimable (<= 0: now; NULL: none pending).
+-- A row held behind another run of its media (see claim) does not count: it becomes
+-- claimable when that run ends, which this controller records itself (or a NOTIFY reports),
+-- so counting it would only make the loop spin while that run lasts.
 SELECT EXTRACT(EPOCH FROM min(run_after) - now())::float8
-FROM dharma.stt_jobs
-WHERE status = 'pending';
+FROM dharma.stt_jobs AS p
+WHERE status = 'pending'
+  AND NOT EXISTS (
+      SELECT 1 FROM dharma.stt_jobs AS o
+      WHERE o.media_id = p.media_id AND o.status IN ('pending', 'processing')
+        AND (o.status = 'processing' OR o.id < p.id));
+
+-- name: installation
+-- This database's identity (migration 0004): part of every Job's instance label and name.
+SELECT id FROM dharma.installation;

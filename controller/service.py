@@ -32,7 +32,7 @@ from typing import Protocol
 
 from controller import faults
 from controller.executor import Executor, Launched
-from controller.jobspec import LaunchSpec
+from controller.jobspec import Instance, LaunchSpec
 from controller.listener import Listener
 from controller.metrics import STATUSES, Health, Metrics, ProbeServer
 from controller.model import (
@@ -55,7 +55,7 @@ from controller.reconcile import (
     plan_failure,
 )
 from controller.settings import ControllerSettings
-from controller.store import DatabaseUnavailable, Store
+from controller.store import DatabaseUnavailable, MissingInstallation, Store
 from dharma_common.logs import log_context
 
 log = logging.getLogger("controller")
@@ -139,15 +139,39 @@ class Service:
                    "database": self.settings.describe(),
                    "max_concurrent_jobs": self.settings.MAX_CONCURRENT_JOBS},
         )  # fmt: skip
-        self.executor.start(self.wake)
-        if self.leader is not None:
-            self.leader.start(self.wake)
-        self._listener.start()
         try:
-            self._loop()
+            if self._bind_instance():
+                self.executor.start(self.wake)
+                if self.leader is not None:
+                    self.leader.start(self.wake)
+                self._listener.start()
+                self._loop()
         finally:
             self._shutdown()
         return 0
+
+    def _bind_instance(self) -> bool:
+        """Scope the executor to this installation (INSTANCE_NAME and the database's id,
+        controller/jobspec.py `Instance`) before it watches anything: which Jobs are ours is
+        decided by the database we serve, so it is read first. Retried while the database is
+        unreachable or not migrated yet (the probes say why); False if stopped meanwhile."""
+        backoff = 0.5
+        while not self._stopping.is_set():
+            self.health.beat()
+            try:
+                installation = self.store.installation_id()
+            except (DatabaseUnavailable, MissingInstallation) as exc:
+                self.health.not_ready = str(exc)
+                log.warning("installation id not readable; retrying",
+                            extra={"error": str(exc), "retry_in_seconds": backoff})  # fmt: skip
+                self._stopping.wait(backoff)
+                backoff = min(30.0, backoff * 2)
+                continue
+            instance = Instance(self.settings.INSTANCE_NAME, installation)
+            self.executor.bind(instance)
+            log.info("serving installation", extra={"instance": instance.label})
+            return True
+        return False
 
     def _loop(self) -> None:
         backoff = 0.5

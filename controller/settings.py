@@ -11,13 +11,15 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from controller.quantity import parse_bytes
 from dharma_common.settings import DatabaseSettings
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+#: A ConfigMap or Secret name (a DNS subdomain), checked at start-up, not at each launch.
+_OBJECT_NAME = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
 #: Each memory setting and the one it must not be below (request <= limit <= max).
 _MEMORY_ORDER = {
     "RUNNER_MEMORY_LIMIT": "RUNNER_MEMORY_REQUEST",
@@ -67,8 +69,18 @@ class ControllerSettings(DatabaseSettings):
     NAMESPACE: str = Field(
         default_factory=_default_namespace, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
     )
-    #: Prefix of every Job name: <prefix>-<job id>-<attempt>.
-    JOB_NAME_PREFIX: str = Field(default="dharma-stt", pattern=r"^[a-z]([-a-z0-9]{0,30}[a-z0-9])?$")
+    #: Prefix of every Job name: <prefix>-<instance hash>-<job id>-<attempt>. At most 23
+    #: characters, so the longest name (8 hex, a bigint job id, an int attempt, three dashes)
+    #: stays within the 63 a Job's name may have (its pods' `job-name` label).
+    JOB_NAME_PREFIX: str = Field(default="dharma-stt", pattern=r"^[a-z]([-a-z0-9]{0,21}[a-z0-9])?$")
+    #: This installation's name (the Helm release). With the database's installation id it
+    #: forms the instance label of every Job (controller/jobspec.py `Instance`), so releases
+    #: sharing a namespace never touch each other's Jobs. Dots are allowed because Helm
+    #: allows them in release names; at most 54 characters, so `<name>-<8 hex>` is a valid
+    #: label value (63).
+    INSTANCE_NAME: str = Field(
+        default="dharma-stream", pattern=r"^[a-z0-9]([-a-z0-9.]{0,52}[a-z0-9])?$"
+    )
     RUNNER_IMAGE: str = "ghcr.io/dharma-stream/jobrunner:0.1.0"
     RUNNER_IMAGE_PULL_POLICY: str = Field(
         default="IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$"
@@ -83,10 +95,14 @@ class ControllerSettings(DatabaseSettings):
     RUNNER_MEMORY_LIMIT_MAX: str = Field(default="8Gi", pattern=_QUANTITY)
     RUNNER_OOM_MEMORY_FACTOR: float = Field(default=2.0, ge=1.0, le=16.0)
     RUNNER_SCRATCH_SIZE: str = Field(default="20Gi", pattern=_QUANTITY)
-    #: Secret with DB_PASSWORD, WEBDAV_PASSWORD (referenced with envFrom, never copied).
-    RUNNER_SECRET_NAME: str = "dharma-stream"  # noqa: S105 - a name, not a secret
-    #: ConfigMap with the runner's non-secret settings (DB_HOST, WEBDAV_BASE_URL, HLS_*, ...).
-    RUNNER_CONFIGMAP_NAME: str = "dharma-stream-runner"
+    #: The runner's own Secret: keys DB_PASSWORD (its database login, a member of role
+    #: dharma_runner) and WEBDAV_PASSWORD, each taken by secretKeyRef (jobspec
+    #: RUNNER_SECRET_KEYS); nothing else in it reaches a runner, no value is copied.
+    RUNNER_SECRET_NAME: str = Field(default="dharma-stream", max_length=253, pattern=_OBJECT_NAME)
+    #: ConfigMap with the runner's non-secret settings (DB_HOST, DB_USER, WEBDAV_BASE_URL, ...).
+    RUNNER_CONFIGMAP_NAME: str = Field(
+        default="dharma-stream-runner", max_length=253, pattern=_OBJECT_NAME
+    )
     RUNNER_PRIORITY_CLASS: str = ""
     # JSON values. NoDecode: the validator below parses them, so an empty value means the
     # default and bad JSON is a ConfigError naming the variable (not a traceback).
@@ -115,6 +131,11 @@ class ControllerSettings(DatabaseSettings):
     #: SIGTERM -> SIGKILL grace for a local runner's process group (deadline, cancellation,
     #: shutdown); the runner uses it to clean up its scratch directory.
     LOCAL_TERMINATION_GRACE_SECONDS: float = Field(default=10.0, ge=0)
+    #: The runners' own database login (a member of role dharma_runner, migration 0005) for
+    #: the local executor. Set, a runner process gets it as DB_USER/DB_PASSWORD instead of the
+    #: controller's; either way no LOCAL_* setting reaches a runner.
+    LOCAL_RUNNER_DB_USER: str = ""
+    LOCAL_RUNNER_DB_PASSWORD: SecretStr = SecretStr("")
 
     def connect_kwargs(self, application_name: str) -> dict[str, Any]:
         """DatabaseSettings' arguments plus the session timeouts (startup options, so they

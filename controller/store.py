@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 
 from controller.model import JobRow, RunnerKey
@@ -32,6 +33,10 @@ CLAIM_LOCK_KEY = 0x6468_6D63
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL could not be reached or dropped the connection; retry later."""
+
+
+class MissingInstallation(Exception):
+    """The database has no installation identity (not migrated); retry after `migrate`."""
 
 
 def _row(values: Sequence[Any]) -> JobRow:
@@ -94,6 +99,23 @@ class Store:
             return [_row(r) for r in cur.fetchall()]
 
     # ---------------------------------------------------------------- reading ---
+
+    def installation_id(self) -> uuid.UUID:
+        """This database's installation id (migration 0004; see controller/jobspec.py
+        `Instance`). A database without it has not been migrated: say so, do not guess."""
+        try:
+            with self._tx() as cur:
+                cur.execute(Q["installation"])
+                row = cur.fetchone()
+        except psycopg2.errors.UndefinedTable:
+            row = None
+        if row is None:
+            raise MissingInstallation(
+                f"PostgreSQL at {self._settings.describe()} has no dharma.installation row: "
+                "run `dharma-controller migrate` (migration 0004) first"
+            )
+        value = row[0]
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
     def inflight(self, owner: str | None) -> list[JobRow]:
         """Processing rows: all of them (owner None) or those claimed by `owner`."""

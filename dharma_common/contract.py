@@ -68,6 +68,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_ID = "dharma.stream/job-id"
 LABEL_MEDIA_ID = "dharma.stream/media-id"
 LABEL_ATTEMPT = "dharma.stream/attempt"
+#: Which installation made the Job: `<INSTANCE_NAME>-<8 hex of the database's installation id>`
+#: (controller/jobspec.py `Instance`). A controller watches, adopts and deletes only its own.
+LABEL_INSTANCE = "dharma.stream/instance"
 APP_NAME = "dharma-stream"
 RUNNER_COMPONENT = "jobrunner"
 MANAGED_BY = "dharma-controller"

@@ -1,5 +1,6 @@
-"""Running FFmpeg: argument lists only (never a shell), its last error line kept as the
-reason, and a child that is always reaped — killed if we are interrupted."""
+"""Running FFmpeg: argument lists only (never a shell), an environment without credentials
+(`tool_env`), its last error line kept as the reason, and a child that is always reaped —
+killed if we are interrupted."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from jobrunner.errors import BadMediaError, TemporaryError, ToolError
-from jobrunner.probe import last_error_line
+from jobrunner.probe import last_error_line, tool_env
 
 
 class FFmpegProcess:
@@ -18,9 +19,11 @@ class FFmpegProcess:
         self._log_path = log_path
         self._log = log_path.open("wb")
         try:
+            # No credentials for a program parsing untrusted media: a scrubbed environment.
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log
-            )
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
+                env=tool_env(log_path.parent),
+            )  # fmt: skip
         except FileNotFoundError:
             self._log.close()
             raise ToolError("ffmpeg is not installed in this image") from None

@@ -5,13 +5,16 @@ attempt changes nothing:
 - results are written to the database last, in one fenced transaction, after every
   artifact is on WebDAV — a job is never "done" with files missing;
 - the HLS playlist is uploaded after its segments, so a player never sees a playlist
-  pointing at a missing segment;
+  pointing at a missing segment; segment names are unique per attempt, and once the
+  playlist is up the segments it does not refer to (an earlier run's) are deleted, while
+  the attempt still owns its row — never a mix of two runs' segments (issue 10, defect 11);
 - the scratch directory is removed on every path out, including SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import signal
 import tempfile
@@ -27,7 +30,14 @@ from dharma_common.logs import current_context, log_context
 from jobrunner.errors import BadMediaError, FencedOut, TemporaryError
 from jobrunner.ffmpeg import FFmpegProcess, run_ffmpeg
 from jobrunner.paths import ArtifactLayout, dav_segments, source_extension, url_path
-from jobrunner.plan import EncodeOptions, Workspace, make_plan
+from jobrunner.plan import (
+    EncodeOptions,
+    Workspace,
+    make_plan,
+    playlist_segments,
+    run_name,
+    stale_segments,
+)
 from jobrunner.probe import check_usable, parse_probe, run_ffprobe
 from jobrunner.settings import RunnerSettings
 from jobrunner.store import RunnerStore
@@ -54,6 +64,14 @@ class Outcome:
     copied_video: bool | None
     copied_audio: bool | None
     timings: dict[str, float]
+    #: The runner process's peak resident memory so far (bench/longtalk.py reads it).
+    peak_rss_bytes: int = 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: Linux reports `ru_maxrss` in KiB. FFmpeg's children are
+    not included (they are separate processes, and the pod's limit covers them too)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Stop:
@@ -172,17 +190,25 @@ class _Fence:
         self._checked = time.monotonic()
 
     def check(self) -> None:
+        """Between two uploads: the stop flag always, the database when `interval` has
+        passed; a database that cannot answer just now does not stop the upload."""
         if self._stop.reason is not None:
             raise self._stop.error(self._stop.reason)
         if time.monotonic() - self._checked < self._interval:
             return
-        self._checked = time.monotonic()
         try:
-            owned = self._store.still_owned()
+            self.check_now()
         except TemporaryError as exc:
             log.warning("fence not checked", extra={"error": str(exc)})
-            return
-        if not owned:
+
+    def check_now(self) -> None:
+        """Ask the database now, unthrottled: before a write that a stale attempt must never
+        make (the playlist, a DELETE), however recently the row was seen. A database that
+        cannot answer fails the attempt (temporary): unverified, nothing is written."""
+        if self._stop.reason is not None:
+            raise self._stop.error(self._stop.reason)
+        self._checked = time.monotonic()
+        if not self._store.still_owned():
             self._stop.set(FencedOut, "the job is no longer owned by this attempt (cancelled "
                            "or retried); the upload was stopped")  # fmt: skip
             raise FencedOut(self._stop.reason)
@@ -233,7 +259,8 @@ def _upload_all(
 def upload_artifacts(
     dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, workers: int, fence: _Fence
 ) -> int:
-    """MKCOL the tree, upload files in parallel, and the playlist strictly last."""
+    """MKCOL the tree, upload files in parallel, the playlist strictly last, then remove
+    what an earlier run left that this run's artifacts do not include (`remove_stale`)."""
     for collection in layout.collections():
         fence.check()
         dav.mkcol(collection)
@@ -243,9 +270,32 @@ def upload_artifacts(
             files.append((path, layout.file(path.name)))
     files += [(p, layout.file("hls", p.name)) for p in sorted(ws.hls.glob("*.ts"))]
     _upload_all(dav, files, workers, fence)
-    fence.check()
+    # Unthrottled: a stale attempt's late playlist would point at segments the owner deletes.
+    fence.check_now()
     dav.put(ws.playlist, layout.file("hls", ws.playlist.name))
+    remove_stale(dav, ws, layout, fence)
     return len(files) + 1
+
+
+def remove_stale(dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, fence: _Fence) -> int:
+    """Delete an earlier run's leftovers once this run's playlist is up (issue 10, defect
+    11): every segment in hls/ the new playlist does not refer to (a run with fewer segments
+    would otherwise leave the rest, and a stale attempt's late PUTs land under its own
+    names), and video.mp4/audio.m4a when this run made none (an audio-only source replacing
+    a video one). Each DELETE, including a retried one, is sent only after the database
+    confirmed that this attempt still owns its row, so a superseded attempt never deletes the
+    segments of the run that replaced it; a name already gone (404) is fine. Returns the
+    number of deletes."""
+    referenced = playlist_segments(ws.playlist.read_text(encoding="utf-8"))
+    fence.check_now()
+    names = stale_segments(dav.list_files(layout.file("hls")), referenced)
+    targets = [layout.file("hls", name) for name in names]
+    targets += [layout.file(path.name) for path in (ws.video, ws.audio) if not path.exists()]
+    for target in targets:
+        dav.delete(target, before=fence.check_now)
+    if names:
+        log.info("stale segments deleted", extra={"files": len(names)})
+    return len(targets)
 
 
 def run_attempt(
@@ -258,7 +308,10 @@ def run_attempt(
     stop = _Stop()
     make_transcriber = transcriber or (
         lambda: WhisperCpp(
-            settings.WHISPER_MODEL, settings.WHISPER_THREADS, settings.WHISPER_BEAM_SIZE
+            settings.WHISPER_MODEL,
+            settings.WHISPER_THREADS,
+            settings.WHISPER_BEAM_SIZE,
+            settings.WHISPER_WINDOW_SECONDS,
         )
     )
     with _sigterm(stop), log_context(job_id=job_id, attempt=attempt):
@@ -276,7 +329,9 @@ def run_attempt(
                     )
                 )
                 try:
-                    ws = Workspace(scratch, source_extension(job.source_path))
+                    ws = Workspace(
+                        scratch, source_extension(job.source_path), run_name(job_id, attempt)
+                    )
                     return _process(
                         settings, store, stop, ws, layout, source, language,
                         make_transcriber,
@@ -394,8 +449,14 @@ def _process(
     log.info("artifacts uploaded", extra={"files": uploaded, "seconds": timings["upload"]})
 
     store.commit_results(layout.media_id, cleaned, duration)
+    peak = peak_rss_bytes()
     log.info(
         "attempt succeeded",
-        extra={"subtitles": len(cleaned), "duration": duration, "timings": timings},
+        extra={
+            "subtitles": len(cleaned),
+            "duration": duration,
+            "timings": timings,
+            "peak_rss_mib": round(peak / 2**20, 1),
+        },
     )
-    return Outcome(len(cleaned), duration, plan.copy_video, plan.copy_audio, timings)
+    return Outcome(len(cleaned), duration, plan.copy_video, plan.copy_audio, timings, peak)

@@ -31,12 +31,23 @@ class EncodeOptions:
     threads: int = 0
 
 
+def run_name(job_id: int, attempt: int) -> str:
+    """The name of one attempt's HLS segments, `j<job>-a<attempt>-00000.ts` (issue 10, defect
+    11). (job id, attempt) is unique for ever (attempts only rises, even on a re-queue), so
+    no two runs of a media — attempts of one job, or two jobs — write the same segment name:
+    a late PUT from a dying stale attempt cannot overwrite a segment the current playlist
+    refers to, and the current run can tell an earlier run's segments from its own."""
+    return f"j{job_id}-a{attempt}"
+
+
 @dataclass(frozen=True)
 class Workspace:
-    """Fixed local file names under a private scratch directory (never derived from data)."""
+    """Fixed local file names under a private scratch directory (never derived from data).
+    `run` (see `run_name`) prefixes the HLS segment names."""
 
     root: Path
     source_ext: str = ""
+    run: str = "segment"
 
     @property
     def source(self) -> Path:
@@ -61,6 +72,11 @@ class Workspace:
     @property
     def playlist(self) -> Path:
         return self.hls / "playlist.m3u8"
+
+    @property
+    def segment_pattern(self) -> Path:
+        """FFmpeg's `-hls_segment_filename`: `hls/<run>-00000.ts`, ..."""
+        return self.hls / f"{self.run}-%05d.ts"
 
     @property
     def vtt(self) -> Path:
@@ -131,7 +147,7 @@ def _video_args(info: MediaInfo, opts: EncodeOptions) -> list[str]:
 def _hls_args(ws: Workspace, opts: EncodeOptions) -> list[str]:
     return [
         "-f", "hls", "-hls_time", str(opts.shard_seconds), "-hls_playlist_type", "vod",
-        "-hls_list_size", "0", "-hls_segment_filename", str(ws.hls / "segment%05d.ts"),
+        "-hls_list_size", "0", "-hls_segment_filename", str(ws.segment_pattern),
         str(ws.playlist),
     ]  # fmt: skip
 
@@ -171,3 +187,18 @@ def make_plan(info: MediaInfo, ws: Workspace, opts: EncodeOptions) -> Plan:
     ]  # fmt: skip
     package = [*_FFMPEG, "-i", str(ws.audio), "-map", "0:a", "-c", "copy", *_hls_args(ws, opts)]
     return Plan(pcm, main, package, None, can_copy_audio(info), [ws.audio, ws.playlist])
+
+
+def playlist_segments(text: str) -> list[str]:
+    """The media URIs of an HLS playlist (RFC 8216 4.1: every line that is neither blank nor
+    a tag or comment starting with `#`), in playlist order."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def stale_segments(listing: list[str], referenced: list[str]) -> list[str]:
+    """Which names in the WebDAV hls collection to delete after a playlist referring to
+    `referenced` went up: every HLS segment (`*.ts`, this or an earlier naming) the playlist
+    does not refer to — an earlier run's, or a stale attempt's late upload. Anything else
+    (the playlist, files this runner never writes) is left alone."""
+    keep = set(referenced)
+    return sorted(name for name in listing if name.endswith(".ts") and name not in keep)

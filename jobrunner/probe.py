@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -66,6 +67,24 @@ class MediaInfo:
 
 _POINTER = re.compile(r" @ 0x[0-9a-f]+\]")
 
+#: Where FFmpeg and ffprobe are looked up when the runner's own PATH is unset.
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def tool_env(workdir: Path) -> dict[str, str]:
+    """The whole environment of a program run on untrusted media (FFmpeg, ffprobe): PATH, a
+    UTF-8 C locale, and HOME/TMPDIR in the attempt's private scratch directory — nothing
+    else. The runner's own environment holds DB_PASSWORD and WEBDAV_PASSWORD; a child that
+    an exploit in a demuxer takes over must find no credentials to read (DESIGN.md "Least
+    privilege for runners")."""
+    return {
+        "PATH": os.environ.get("PATH") or _DEFAULT_PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+    }
+
 
 def last_error_line(stderr: str, scratch: Path | None = None, lines: int = 2) -> str:
     """FFmpeg's own reason: its last distinct error lines (the specific one, such as
@@ -90,7 +109,10 @@ def run_ffprobe(path: Path, timeout: float = 120.0) -> dict[str, Any]:
         "-show_format", "-show_streams", *SOURCE_INPUT_OPTIONS, "-i", str(path),
     ]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False,
+            env=tool_env(path.parent), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise BadMediaError(f"ffprobe could not read the source within {timeout:.0f} s") from None
     except FileNotFoundError:

@@ -48,6 +48,10 @@ class RunnerSettings(DatabaseSettings):
     )
     #: Beams for whisper's beam search; 0 or 1 decodes greedily (bench/tuning.py table 3).
     WHISPER_BEAM_SIZE: int = Field(default=0, ge=0, le=16)
+    #: The longest stretch of audio whisper is given at once; windows end at a pause near
+    #: it (jobrunner/windows.py). It bounds the runner's memory, whatever the talk's length:
+    #: about 4 MB per minute of window (docs/performance.md, long talks).
+    WHISPER_WINDOW_SECONDS: int = Field(default=600, ge=30, le=3600)
     #: Transcribe while x264 re-encodes the video (True) or after it (False). Stream-copy and
     #: audio-only runs always overlap: their FFmpeg pass is light. bench/tuning.py table 1.
     OVERLAP_VIDEO_ENCODE: bool = False

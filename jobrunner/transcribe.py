@@ -15,14 +15,14 @@ from typing import Any, Protocol
 
 from jobrunner.errors import PermanentError, RunnerError, ToolError
 from jobrunner.subtitles import Segment, decode_segments
+from jobrunner.windows import FRAME_MS, FRAME_SAMPLES, Cuts, Window, plan_windows, to_talk_time
 
 log = logging.getLogger(__name__)
 
 #: whisper.cpp timestamps are in centiseconds.
 _TICK_MS = 10
-_RATE = 16000
 #: Loudness is measured over 100 ms windows.
-_WINDOW = _RATE // 10
+_WINDOW = FRAME_SAMPLES
 #: A window quieter than this is silence. Digital silence is -inf; the room tone of a quiet
 #: hall is around -60 dBFS and speech -35 to -10 dBFS, so nothing a person can hear as speech
 #: is below it. Whisper invents text on silence (with `zh` on 20 s of digital silence, the
@@ -82,14 +82,19 @@ def drop_silent(segments: list[Segment], levels: Any, threshold: float) -> list[
 class WhisperCpp:
     """One loaded model; `transcribe` may be called many times (the benchmark does)."""
 
-    def __init__(self, model_path: Path, threads: int, beam_size: int = 0) -> None:
+    def __init__(
+        self, model_path: Path, threads: int, beam_size: int = 0, window_seconds: int = 600
+    ) -> None:
         """`beam_size` 0 or 1 decodes greedily (whisper.cpp's default); 2 or more uses beam
-        search with that many beams (WHISPER_BEAM_SIZE; bench/tuning.py weighs the cost)."""
+        search with that many beams (WHISPER_BEAM_SIZE; bench/tuning.py weighs the cost).
+        `window_seconds` is the longest stretch of audio given to whisper at once
+        (WHISPER_WINDOW_SECONDS; jobrunner/windows.py)."""
         if not model_path.is_file():
             raise PermanentError(f"whisper model {model_path} does not exist (WHISPER_MODEL)")
         from pywhispercpp.model import Model
 
         self._threads = threads
+        self.cuts = Cuts.for_seconds(window_seconds)
         self.beam_size = beam_size if beam_size > 1 else 0
         strategy: dict[str, Any] = (
             {"params_sampling_strategy": 1,
@@ -121,20 +126,20 @@ class WhisperCpp:
         on_progress: Callable[[float], None],
         should_abort: Callable[[], bool],
     ) -> list[Segment]:
-        import _pywhispercpp as pw
-        import numpy as np
-
-        samples = np.fromfile(pcm, dtype="<i2")
-        if samples.size == 0:
+        """Transcribe a 16 kHz mono s16le file window by window (jobrunner/windows.py), so
+        memory does not grow with the talk's length. Each window is decoded with the end of
+        the previous window's tokens as its context, exactly as whisper.cpp carries them
+        between its own 30 s frames (the first window starts with none, so nothing leaks
+        from an earlier talk)."""
+        levels = pcm_levels(pcm)
+        if levels.size == 0:
             return []
-        audio = samples.astype(np.float32) / 32768.0
-        del samples
-        levels = window_levels(audio)
-        if float(levels.max()) < SILENCE_DBFS:
+        windows = plan_windows(levels.tolist(), SILENCE_DBFS, self.cuts)
+        if not windows:
             log.info("audio is silent throughout; not transcribed", extra={"dbfs": SILENCE_DBFS})
             on_progress(1.0)
             return []
-        total_ms = audio.size * 1000 / _RATE
+        total_ms = levels.size * FRAME_MS
         params = self._model._params
         log.info(
             "whisper decoding",
@@ -142,24 +147,64 @@ class WhisperCpp:
                 "threads": params.n_threads,
                 "strategy": str(params.strategy).rsplit(".", 1)[-1],
                 "beam_size": params.beam_search["beam_size"] if self.beam_size else 0,
+                "windows": len(windows),
+                "window_seconds": self.cuts.max_frames * FRAME_MS // 1000,
             },
         )
+        segments: list[Segment] = []
+        for number, window in enumerate(windows):
+            if should_abort():
+                break
+            found = self._transcribe_window(
+                pcm, window, language, number > 0, total_ms, on_progress, should_abort
+            )
+            segments += to_talk_time(found, window)
+        kept = drop_silent(segments, levels, SILENCE_DBFS)
+        if len(kept) < len(segments):
+            log.info("dropped segments over silence", extra={"dropped": len(segments) - len(kept)})
+        return kept
+
+    def _transcribe_window(
+        self,
+        pcm: Path,
+        window: Window,
+        language: str,
+        carry_context: bool,
+        total_ms: int,
+        on_progress: Callable[[float], None],
+        should_abort: Callable[[], bool],
+    ) -> list[Segment]:
+        """One whisper.cpp run over one window's samples, read from the file just now.
+
+        `carry_context` keeps the decoder's past tokens from the previous run (whisper.cpp
+        holds them on its state; `no_context` clears them). They include the timestamp
+        tokens, which keep whisper cutting lines as it does inside one run: measured on a
+        looped speech sample with 30 s windows, a text-only prompt (`initial_prompt`) gave
+        25-second lines, the carried tokens the same lines as one whole-file run."""
+        import _pywhispercpp as pw
+
+        audio = read_samples(pcm, window.start_sample, window.end_sample)
 
         def on_segment(segment: Any) -> None:
-            on_progress(min(1.0, segment.t1 * _TICK_MS / total_ms))
+            done_ms = window.start_ms + segment.t1 * _TICK_MS
+            on_progress(min(1.0, done_ms / total_ms))
 
         try:
+            # Parameters set here stay set on the model: pass every one, every time.
             self._model.transcribe(
                 audio,
                 new_segment_callback=on_segment,
                 abort_callback=should_abort,
                 language=language,
                 n_threads=self._threads,
+                no_context=not carry_context,
+                initial_prompt="",
             )
         except RunnerError:
             raise
         except Exception as exc:
             raise ToolError(f"whisper failed: {exc}") from None
+        del audio
         ctx = self._model._ctx  # the bindings keep segments on the context; read raw bytes
         count = pw.whisper_full_n_segments(ctx)
         raw = (
@@ -170,8 +215,28 @@ class WhisperCpp:
             )
             for i in range(count)
         )
-        segments = decode_segments(raw)
-        kept = drop_silent(segments, levels, SILENCE_DBFS)
-        if len(kept) < len(segments):
-            log.info("dropped segments over silence", extra={"dropped": len(segments) - len(kept)})
-        return kept
+        return decode_segments(raw)
+
+
+def read_samples(pcm: Path, start: int, end: int) -> Any:
+    """Samples [start, end) of a s16le file as float32 in [-1, 1]; only those are read."""
+    import numpy as np
+
+    raw = np.fromfile(pcm, dtype="<i2", count=max(0, end - start), offset=2 * start)
+    audio = raw.astype(np.float32)
+    audio /= 32768.0
+    return audio
+
+
+def pcm_levels(pcm: Path, block_frames: int = 600) -> Any:
+    """The dBFS level of every 100 ms frame of a s16le file, read a block at a time (one
+    minute by default), so a three-hour talk costs a 1 MB array of levels, not its audio."""
+    import numpy as np
+
+    samples = pcm.stat().st_size // 2
+    block = block_frames * FRAME_SAMPLES
+    parts = [
+        window_levels(read_samples(pcm, first, min(samples, first + block)))
+        for first in range(0, samples, block)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)

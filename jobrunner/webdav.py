@@ -1,4 +1,5 @@
-"""The runner's one seam to WebDAV: streamed GET to a file, MKCOL, streamed PUT.
+"""The runner's one seam to WebDAV: streamed GET to a file, MKCOL, streamed PUT, and the
+PROPFIND (Depth 1) and DELETE that remove an earlier run's HLS segments.
 
 Transient failures (connection errors, timeouts, 5xx, 429) are retried with exponential
 backoff; 401/403/404 and other client errors are permanent and say which path and what the
@@ -14,6 +15,8 @@ import re
 import shutil
 import threading
 import time
+import urllib.parse
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -74,6 +77,44 @@ def scratch_shortfall(declared: int, free: int) -> int | None:
 
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+#: A PROPFIND asking only whether each member is a collection (RFC 4918 9.1).
+_PROPFIND_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?>'
+    b'<D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/></D:prop></D:propfind>'
+)
+#: The largest PROPFIND answer read: an hls collection of a 10-hour talk in 1 s segments is
+#: 36,000 members of a few hundred bytes each, well under this.
+MAX_LISTING_BYTES = 64 * 1024 * 1024
+
+
+def parse_listing(body: bytes, collection_path: str) -> list[str]:
+    """The names of the non-collection members in a PROPFIND Depth 1 multistatus answer for
+    the collection at `collection_path` (its URL path). The collection itself and
+    sub-collections are left out. Hrefs may be absolute URLs or paths, percent-encoded (RFC
+    4918 8.3). A document with a DTD is refused before parsing: without one there are no
+    entities to expand or resolve, which is what makes parsing XML risky (a multistatus
+    answer never needs one)."""
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise WebDAVPermanentError("WebDAV PROPFIND answer has a DTD; refused")
+    try:
+        root = ET.fromstring(body)  # noqa: S314 - no DTD, see above
+    except ET.ParseError as exc:
+        raise _Retryable(f"unreadable PROPFIND answer ({exc})") from None
+    own = urllib.parse.unquote(collection_path).rstrip("/")
+    names = []
+    for response in root.iter("{DAV:}response"):
+        href = response.findtext("{DAV:}href", default="").strip()
+        path = urllib.parse.unquote(urllib.parse.urlsplit(href).path)
+        if not path or path.rstrip("/") == own:
+            continue
+        if response.find(".//{DAV:}resourcetype/{DAV:}collection") is not None:
+            continue
+        if path.endswith("/"):
+            continue
+        names.append(path.rsplit("/", 1)[-1])
+    return names
 
 
 class _Retryable(Exception):
@@ -311,5 +352,49 @@ class WebDAVClient:
                 )
             with response:
                 self._check(response, what, (200, 201, 204))
+
+        self._call(what, attempt)
+
+    def list_files(self, segments: list[str]) -> list[str]:
+        """The file names directly in the collection `segments` (PROPFIND Depth 1); an empty
+        list if the collection does not exist."""
+        what = f"PROPFIND {url_path(segments)}/"
+
+        def attempt() -> list[str]:
+            response = self._request(
+                "PROPFIND",
+                [*segments, ""],
+                data=_PROPFIND_BODY,
+                headers={"Depth": "1", "Content-Type": 'application/xml; charset="utf-8"'},
+                stream=True,
+            )
+            with response:
+                if response.status_code == 404:
+                    return []
+                self._check(response, what, (207,))
+                try:
+                    body = response.raw.read(MAX_LISTING_BYTES + 1, decode_content=True)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise _Retryable(f"listing interrupted ({type(exc).__name__})") from None
+                if len(body) > MAX_LISTING_BYTES:
+                    raise WebDAVPermanentError(
+                        f"WebDAV {what}: answer over {MAX_LISTING_BYTES:,} bytes"
+                    )
+            return parse_listing(body, urllib.parse.urlsplit(self.url(segments)).path)
+
+        return self._call(what, attempt)
+
+    def delete(self, segments: list[str], *, before: Callable[[], None] | None = None) -> None:
+        """Delete a file; one already gone (404) is fine. `before` runs before every try (the
+        caller's fence check: a delete must never be sent for an attempt that lost its
+        row, not even a retried one)."""
+        what = f"DELETE {url_path(segments)}"
+
+        def attempt() -> None:
+            if before is not None:
+                before()
+            response = self._request("DELETE", segments)
+            with response:
+                self._check(response, what, (200, 202, 204, 404))
 
         self._call(what, attempt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
+from pydantic import SecretStr
 
+from dharma_common.settings import DatabaseSettings
 from tests.media import WEIGHTLESS_MODEL, make_media
 from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
 
@@ -182,3 +186,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="seed of the chaos scenarios' random choices (default: time-based, printed)",
     )
+
+
+@dataclass(frozen=True)
+class RunnerLogin:
+    name: str
+    password: str
+    settings: DatabaseSettings
+
+    def connect(self) -> Any:
+        conn = psycopg2.connect(**self.settings.connect_kwargs("tests-runner-role"))
+        conn.autocommit = True
+        return conn
+
+
+@pytest.fixture
+def runner_login(db: Database) -> Iterator[RunnerLogin]:
+    """`CREATE ROLE ... LOGIN PASSWORD ... IN ROLE dharma_runner`, as in the README."""
+    name = f"runner_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {name} LOGIN PASSWORD %s IN ROLE dharma_runner", (password,))
+    settings = db.settings.model_copy(update={"DB_USER": name, "DB_PASSWORD": SecretStr(password)})
+    yield RunnerLogin(name, password, settings)
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP ROLE IF EXISTS {name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kubernetes import client
 
+from controller.jobspec import Instance, job_name
+from controller.settings import ControllerSettings
+from dharma_common.settings import DatabaseSettings, load_settings
 from tests.controller_helpers import ControllerProcess
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), so its asserts are rewritten
@@ -88,6 +92,16 @@ class KubeSetup:
     def job_names(self) -> list[str]:
         return sorted(j["metadata"]["name"] for j in self.jobs())
 
+    def instance(self) -> Instance:
+        """The installation a controller started with `env` serves: INSTANCE_NAME and the
+        id in its database's dharma.installation (controller/jobspec.py `Instance`)."""
+        return instance_of(self.env)
+
+    def runner_name(self, job_id: int, attempt: int = 1) -> str:
+        """The Job name of an attempt of a controller started with `env`."""
+        settings = load_settings(ControllerSettings, **self.env)
+        return job_name(settings, self.instance(), job_id, attempt)
+
     def pods(self, job_name: str | None = None) -> list[dict[str, Any]]:
         selector = f"batch.kubernetes.io/job-name={job_name}" if job_name else ""
         response = self.core.list_namespaced_pod(
@@ -95,6 +109,20 @@ class KubeSetup:
         )
         items: list[dict[str, Any]] = json.loads(response.data)["items"]
         return items
+
+
+def instance_of(env: dict[str, str]) -> Instance:
+    """The installation of a controller with this environment: INSTANCE_NAME (or its
+    default) and the installation id of the database its DB_* settings name."""
+    import psycopg2
+
+    db = load_settings(DatabaseSettings, **{k: v for k, v in env.items() if k.startswith("DB_")})
+    with contextlib.closing(psycopg2.connect(**db.connect_kwargs("tests"))) as conn, conn:
+        cur = conn.cursor()
+        cur.execute("SELECT id FROM dharma.installation")
+        (installation_id,) = cur.fetchone()
+    name = env.get("INSTANCE_NAME") or ControllerSettings.model_fields["INSTANCE_NAME"].default
+    return Instance(str(name), uuid.UUID(str(installation_id)))
 
 
 def runner_placement_env() -> dict[str, str]:

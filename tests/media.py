@@ -179,6 +179,28 @@ def make_long_talk(directory: Path, seconds: int, size: str, vcodec: str) -> Pat
     return path
 
 
+def make_spoken_talk(directory: Path, seconds: int, period: float = 12.5) -> Path:
+    """An audio-only talk (MP3, 48 kHz stereo 128 kb/s, as recorders write them) of
+    `seconds`: the speech sample (11 s) then silence, every `period` seconds. The default
+    is dense speech with a pause after each sentence; a long period makes a sparse talk
+    (mostly silence, which whisper is never given)."""
+    unit = directory / f"unit-{period:g}s.wav"
+    path = directory / f"spoken-{seconds}s-every-{period:g}s.mp3"
+    if not path.exists():
+        subprocess.run(
+            [*_FF, *_speech(), "-af", "apad", "-t", f"{period:g}", "-ar", "48000", "-ac", "2",
+             str(unit)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        subprocess.run(
+            [*_FF, "-stream_loop", "-1", "-i", str(unit), "-t", str(seconds), "-c:a",
+             "libmp3lame", "-b:a", "128k", str(path)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        unit.unlink()
+    return path
+
+
 #: Hostile "media" (issue 10, defect 6): text files FFmpeg would open as a playlist or a
 #: concat list and then read the files they name. Each gets a media extension, as an upload
 #: would. kind -> file name.

@@ -225,10 +225,15 @@ class DatabaseFactory:
         migrate(server.settings(self.TEMPLATE))
 
     def create(self) -> Database:
+        """A clone of the template with its own installation id (migration 0004), as a
+        database migrated on its own would have: a clone carries the template's along."""
         name = "t_" + uuid.uuid4().hex[:16]
         with contextlib.closing(self.server.admin()) as conn, conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name} TEMPLATE {self.TEMPLATE}")
-        return Database(self.server, name, self.server.settings(name))
+        database = Database(self.server, name, self.server.settings(name))
+        with contextlib.closing(database.connect()) as conn, conn.cursor() as cur:
+            cur.execute("UPDATE dharma.installation SET id = gen_random_uuid()")
+        return database
 
     def drop(self, db: Database) -> None:
         with contextlib.closing(self.server.admin()) as conn, conn.cursor() as cur:

@@ -27,7 +27,8 @@ commit what is due), silently, until `stop()`.
 
 Scope: give it the namespace whose runners belong to the given database. All namespaces
 (`namespace=None`) only when every runner in the cluster belongs to that database: job ids
-of other tests' databases would match rows of this one.
+of other tests' databases would match rows of this one. Where several installations share a
+namespace, pass `selector=Instance.selector` of the one whose database `connect` opens.
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ class SimulatedCommits:
         *,
         api_timeout: float = 10.0,
         watch_timeout: int = 60,
+        selector: str = MANAGED_SELECTOR,
     ) -> None:
         core: Any = client.CoreV1Api(api_client)  # Any: raw responses (_preload_content)
         self._core = core
+        self._selector = selector
         self.namespace = namespace
         self._connect = connect
         self._api_timeout = api_timeout
@@ -175,7 +178,7 @@ class SimulatedCommits:
     # ------------------------------------------------------------------ pods ---
 
     def _list(self, **kwargs: Any) -> Any:
-        kwargs.update(label_selector=MANAGED_SELECTOR, _preload_content=False)
+        kwargs.update(label_selector=self._selector, _preload_content=False)
         if self.namespace is None:
             return self._core.list_pod_for_all_namespaces(**kwargs)
         return self._core.list_namespaced_pod(self.namespace, **kwargs)

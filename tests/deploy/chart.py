@@ -30,11 +30,17 @@ KIND_MANIFESTS = REPO_ROOT / "deploy" / "kind"
 
 Manifest = dict[str, Any]
 
+#: Where runners may connect: required while networkPolicy.enabled (the default) is on.
+NETWORK_SET = (
+    "networkPolicy.databaseCidrs={10.20.0.5/32}",
+    "networkPolicy.webdav.cidrs={203.0.113.10/32}",
+)
 #: Values that make a default install configured (connection settings have no defaults).
 MINIMAL_SET = (
     "database.host=postgres.example.internal",
     "database.user=dharma",
     "webdav.baseUrl=https://dav.example.org/media",
+    *NETWORK_SET,
 )
 
 

@@ -9,19 +9,21 @@ reference only". The API server's verdict on the same manifests is in test_chart
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from controller.jobspec import LaunchSpec, build_job
+from controller.jobspec import Instance, LaunchSpec, build_job
 from controller.settings import ControllerSettings
-from dharma_common.contract import LABEL_MEDIA_ID
+from dharma_common.contract import LABEL_INSTANCE, LABEL_MEDIA_ID
 from jobrunner.settings import RunnerSettings
 from tests.deploy.chart import (
     CHART,
     FULL_VALUES,
     MINIMAL_SET,
+    NETWORK_SET,
     Manifest,
     controller_env,
     controller_settings,
@@ -43,18 +45,24 @@ NOT_IN_CONFIGMAP = {"DB_PASSWORD", "POD_NAME"}
 LOCAL_ONLY_PREFIX = "LOCAL_"
 
 
+def defaults(values: tuple[Path, ...]) -> tuple[str, ...]:
+    """--set items for a render of `values`: the default values need the runners' CIDRs."""
+    return () if values else NETWORK_SET
+
+
 @pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
 def test_helm_lint_strict(values: tuple[Path, ...]) -> None:
-    result = helm("lint", "--strict", str(CHART), *values_args(values))
+    result = helm("lint", "--strict", str(CHART), *values_args(values, defaults(values)))
     assert "0 chart(s) failed" in result.stdout
 
 
 def test_default_values_render_the_expected_objects() -> None:
-    manifests = render()
+    manifests = render(set_values=NETWORK_SET)
     assert kinds(manifests) == sorted(
         [
-            "ConfigMap", "ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Role",
-            "RoleBinding", "Secret", "Secret", "Service", "ServiceAccount",
+            "ConfigMap", "ConfigMap", "Deployment", "Job", "NetworkPolicy", "NetworkPolicy",
+            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Secret", "Secret",
+            "Service", "ServiceAccount",
         ]
     )  # fmt: skip
     job = find(manifests, "Job", "-migrate")
@@ -70,8 +78,8 @@ def test_full_values_render_every_optional_object() -> None:
     assert kinds(manifests) == sorted(
         [
             "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy",
-            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount",
-            "ServiceMonitor",
+            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Secret", "Service",
+            "ServiceAccount", "ServiceMonitor",
         ]
     )  # fmt: skip
     # migrations.mode=initContainer: no hook Job, an init container instead.
@@ -84,7 +92,7 @@ def test_full_values_render_every_optional_object() -> None:
 
 
 def test_migrations_can_be_left_to_the_operator() -> None:
-    manifests = render(set_values=["migrations.mode=none"])
+    manifests = render(set_values=["migrations.mode=none", *NETWORK_SET])
     assert not [m for m in manifests if m["kind"] == "Job"]
     assert "initContainers" not in find(manifests, "Deployment")["spec"]["template"]["spec"]
 
@@ -112,7 +120,7 @@ def test_default_values_give_valid_settings() -> None:
     assert settings.LEADER_ELECTION is False
     assert settings.RUNNER_IMAGE == "ghcr.io/dharma-stream/jobrunner:0.1.0"
     assert (
-        find(manifests, "Secret", "-dharma-stream")["metadata"]["name"]
+        find(manifests, "Secret", "-dharma-stream-runner")["metadata"]["name"]
         == settings.RUNNER_SECRET_NAME
     )
     assert (
@@ -170,17 +178,32 @@ def test_runner_job_built_from_chart_values_uses_the_charts_objects() -> None:
     """The Job the controller would create references exactly the ConfigMap and Secret the
     chart made, and carries the chart's scheduling settings."""
     manifests = render(FULL, namespace="media")
+    settings = controller_settings(manifests)
+    installation = uuid.UUID("5e0c2b9a-0d4f-4f7e-9a51-8c3d2e1f0a6b")
     job = build_job(
-        controller_settings(manifests),
+        settings,
         LaunchSpec(job_id=7, attempt=1, media_id="0b6f9c1e-8f43-4d1e-9a55-0d7b7c1f2a10",
                    memory_limit=None),
+        Instance(settings.INSTANCE_NAME, installation),
     )  # fmt: skip
     pod = job["spec"]["template"]["spec"]
     refs = {
         next(iter(ref)): next(iter(ref.values()))["name"] for ref in pod["containers"][0]["envFrom"]
     }
     assert refs["configMapRef"] == find(manifests, "ConfigMap", "-runner")["metadata"]["name"]
-    assert refs["secretRef"] == find(manifests, "Secret")["metadata"]["name"]
+    assert "secretRef" not in refs
+    runner_secret = find(manifests, "Secret", "-runner")
+    secret_refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in pod["containers"][0]["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert secret_refs == {
+        key: {"name": runner_secret["metadata"]["name"], "key": key}
+        for key in ("DB_PASSWORD", "WEBDAV_PASSWORD")
+    }
+    # Exactly the keys the Job reads: the Secret holds nothing a runner does not need.
+    assert set(runner_secret["data"]) == set(secret_refs)
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "c6i.2xlarge",
                                    "workload": "media"}  # fmt: skip
     assert pod["priorityClassName"] == "batch-low"
@@ -190,13 +213,22 @@ def test_runner_job_built_from_chart_values_uses_the_charts_objects() -> None:
     assert job["spec"]["activeDeadlineSeconds"] == 28800
     assert job["metadata"]["namespace"] == "media"
     assert job["metadata"]["labels"][LABEL_MEDIA_ID] == "0b6f9c1e-8f43-4d1e-9a55-0d7b7c1f2a10"
+    assert job["metadata"]["labels"][LABEL_INSTANCE] == "t-5e0c2b9a"  # release `t`
+
+
+@pytest.mark.parametrize("release", ["media-prod", "media.staging"])
+def test_instance_name_is_the_release_name(release: str) -> None:
+    """Issue 10, defect 1: two releases in one namespace are two installations, whose
+    controllers never touch each other's Jobs (with the database's installation id)."""
+    settings = controller_settings(render(set_values=MINIMAL_SET, release=release))
+    assert release == settings.INSTANCE_NAME
 
 
 @pytest.mark.parametrize(
     ("replicas", "leader", "strategy"), [(1, "false", "Recreate"), (2, "true", "RollingUpdate")]
 )
 def test_leader_election_follows_replicas(replicas: int, leader: str, strategy: str) -> None:
-    manifests = render(set_values=[f"controller.replicas={replicas}"])
+    manifests = render(set_values=[f"controller.replicas={replicas}", *NETWORK_SET])
     assert controller_env(manifests)["LEADER_ELECTION"] == leader
     assert find(manifests, "Deployment")["spec"]["strategy"]["type"] == strategy
 
@@ -226,8 +258,10 @@ def test_schema_is_valid_json_with_no_remote_references() -> None:
 
 def test_passwords_land_only_in_secret_manifests() -> None:
     manifests = render(FULL)
-    values = yaml.safe_load(FULL_VALUES.read_text())["secret"]
-    passwords = {values["dbPassword"], values["webdavPassword"]}
+    values = yaml.safe_load(FULL_VALUES.read_text())
+    secret = values["secret"]
+    passwords = {secret["dbPassword"], secret["webdavPassword"]}
+    passwords.add(values["runner"]["secret"]["dbPassword"])
     assert set(secret_values(manifests).values()) == passwords
     for manifest in manifests:
         if manifest["kind"] != "Secret":
@@ -237,7 +271,7 @@ def test_passwords_land_only_in_secret_manifests() -> None:
 
 def test_existing_secret_is_referenced_and_nothing_is_created() -> None:
     manifests = render(set_values=["secret.existingSecret=dharma-credentials",
-                                   "secret.dbPassword=ignored"])  # fmt: skip
+                                   "secret.dbPassword=ignored", *NETWORK_SET])  # fmt: skip
     assert "Secret" not in kinds(manifests)
     assert controller_env(manifests)["RUNNER_SECRET_NAME"] == "dharma-credentials"
     refs = [
@@ -267,7 +301,7 @@ def test_controller_gets_its_password_by_reference() -> None:
 
 @pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
 def test_role_is_least_privilege(values: tuple[Path, ...]) -> None:
-    rules = find(render(values), "Role")["rules"]
+    rules = find(render(values, defaults(values)), "Role")["rules"]
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         assert not {"secrets", "pods/exec", "pods/attach", "pods/portforward"} & set(
@@ -313,7 +347,7 @@ def _restricted(spec: Manifest) -> list[str]:
 
 @pytest.mark.parametrize("values", [(), FULL], ids=["default", "full"])
 def test_every_chart_pod_is_hardened(values: tuple[Path, ...]) -> None:
-    specs = pod_specs(render(values))
+    specs = pod_specs(render(values, defaults(values)))
     assert specs
     assert {name: _restricted(spec) for name, spec in specs.items()} == {n: [] for n in specs}
     for name, spec in specs.items():
@@ -331,7 +365,9 @@ def test_notes_show_how_to_follow_one_media_file() -> None:
 
 
 def test_notes_warn_about_missing_connection_settings() -> None:
-    notes = helm("install", "t", str(CHART), "--dry-run=client").stdout.partition("NOTES:")[2]
+    notes = helm(
+        "install", "t", str(CHART), "--dry-run=client", *values_args(set_values=NETWORK_SET)
+    ).stdout.partition("NOTES:")[2]
     assert "not configured yet: database.host, database.user, webdav.baseUrl" in notes
 
 
@@ -362,3 +398,161 @@ def test_schema_types_every_free_controller_setting() -> None:
     structured = set(env) - free
     assert structured  # RUNNER_*, JOB_*, DB_*, ...: not overridable through controller.config
     assert sorted(free - _schema_config_keys("controller")) == []
+
+
+# ------------------------------------------------- least privilege for runners (issue 10) ---
+
+CONNECTED = (
+    "database.host=postgres.example.internal",
+    "database.user=dharma",
+    "webdav.baseUrl=https://dav.example.org/media",
+)
+
+
+def _template_error(*set_values: str) -> str:
+    result = helm("template", "t", str(CHART), *values_args(set_values=set_values), check=False)
+    assert result.returncode != 0, "rendered, but should have failed"
+    return result.stderr
+
+
+def _runner_policy(manifests: list[Manifest]) -> Manifest:
+    return find(manifests, "NetworkPolicy", "-runner")
+
+
+def test_network_policy_is_on_by_default_and_needs_the_cidrs() -> None:
+    """No silent "any address": without the database's and WebDAV's CIDRs the install fails
+    and names the value to set, unless the policy is turned off explicitly."""
+    error = _template_error(*CONNECTED)
+    assert "networkPolicy.databaseCidrs" in error and "networkPolicy.enabled=false" in error
+    error = _template_error(*CONNECTED, NETWORK_SET[0])
+    assert "networkPolicy.webdav.cidrs" in error
+    manifests = render(set_values=[*CONNECTED, "networkPolicy.enabled=false"])
+    assert "NetworkPolicy" not in kinds(manifests)
+
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "::/0", "postgres"])
+def test_schema_refuses_any_address_as_a_cidr(cidr: str) -> None:
+    result = helm("template", "t", str(CHART), "--set", f"networkPolicy.databaseCidrs={{{cidr}}}",
+                  check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "/networkPolicy/databaseCidrs/0" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "port"),
+    [
+        ("https://dav.example.org/media", (), 443),
+        ("https://dav.example.org:8443/media", (), 8443),
+        ("http://dav.example.org/media", ("webdav.allowInsecureHttp=true",), 80),
+        ("http://198.51.100.1:8081", ("webdav.allowInsecureHttp=true",), 8081),
+    ],
+)
+def test_runner_egress_is_dns_database_and_webdav_only(
+    url: str, extra: tuple[str, ...], port: int
+) -> None:
+    manifests = render(
+        set_values=[*MINIMAL_SET, f"webdav.baseUrl={url}", "database.port=6543", *extra]
+    )
+    policy = _runner_policy(manifests)["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["ingress"] == []
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "jobrunner"
+    rules = policy["egress"]
+    # Every rule names its destinations: none is open to any address.
+    assert all(rule.get("to") for rule in rules), rules
+    dns, database, webdav = rules
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert database == {
+        "ports": [{"port": 6543, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}],
+    }
+    assert webdav == {
+        "ports": [{"port": port, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "203.0.113.10/32"}}],
+    }
+
+
+def test_runner_pods_built_by_the_controller_are_selected_by_the_policy() -> None:
+    manifests = render(set_values=MINIMAL_SET)
+    settings = controller_settings(manifests)
+    job = build_job(
+        settings,
+        LaunchSpec(job_id=1, attempt=1, media_id="m", memory_limit=None),
+        Instance(settings.INSTANCE_NAME, uuid.UUID("5e0c2b9a-0d4f-4f7e-9a51-8c3d2e1f0a6b")),
+    )
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    selector = _runner_policy(manifests)["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+
+
+def test_plain_http_webdav_is_refused_unless_allowed_explicitly() -> None:
+    error = _template_error(*MINIMAL_SET, "webdav.baseUrl=http://dav.example.org/media")
+    assert "plain http" in error and "webdav.allowInsecureHttp=true" in error
+    manifests = render(
+        set_values=[*MINIMAL_SET, "webdav.baseUrl=http://dav.example.org/media",
+                    "webdav.allowInsecureHttp=true"]
+    )  # fmt: skip
+    assert runner_env(manifests)["WEBDAV_BASE_URL"] == "http://dav.example.org/media"
+
+
+def test_database_tls_is_required_by_default() -> None:
+    manifests = render(set_values=MINIMAL_SET)
+    assert controller_env(manifests)["DB_SSLMODE"] == "require"
+    assert runner_env(manifests)["DB_SSLMODE"] == "require"
+    migrate = find(manifests, "Job", "-migrate")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "DB_SSLMODE", "value": "require"} in migrate["env"]
+    relaxed = render(set_values=[*MINIMAL_SET, "database.sslmode=disable"])
+    assert runner_env(relaxed)["DB_SSLMODE"] == "disable"
+
+
+def test_runners_get_their_own_login_and_secret() -> None:
+    """runner.database.user and its password: the runners' ConfigMap and Secret carry them;
+    the controller and the migrations keep database.user and their own Secret."""
+    manifests = render(
+        set_values=[*MINIMAL_SET, "runner.database.user=dharma_runner_login",
+                    "runner.secret.dbPassword=runner-pw", "secret.dbPassword=controller-pw",
+                    "secret.webdavPassword=dav-pw"]
+    )  # fmt: skip
+    assert runner_env(manifests)["DB_USER"] == "dharma_runner_login"
+    assert controller_env(manifests)["DB_USER"] == "dharma"
+    settings = controller_settings(manifests)
+    assert settings.RUNNER_SECRET_NAME == "t-dharma-stream-runner"
+    secrets = secret_values(manifests)
+    assert secrets == {
+        "t-dharma-stream/DB_PASSWORD": "controller-pw",
+        "t-dharma-stream-migrate/DB_PASSWORD": "controller-pw",
+        "t-dharma-stream-runner/DB_PASSWORD": "runner-pw",
+        "t-dharma-stream-runner/WEBDAV_PASSWORD": "dav-pw",
+    }
+    # The runners' settings parse, with their login and the secrets from their Secret.
+    runner = runner_settings(manifests, DB_PASSWORD="runner-pw", WEBDAV_PASSWORD="dav-pw")
+    assert runner.DB_USER == "dharma_runner_login"
+
+
+def test_runners_existing_secret_is_referenced_and_not_created() -> None:
+    manifests = render(
+        set_values=[*MINIMAL_SET, "secret.existingSecret=controller-credentials",
+                    "runner.database.user=dharma_runner_login",
+                    "runner.secret.existingSecret=runner-credentials"]
+    )  # fmt: skip
+    assert "Secret" not in kinds(manifests)
+    assert controller_settings(manifests).RUNNER_SECRET_NAME == "runner-credentials"
+
+
+def test_a_runner_login_without_its_secret_is_refused() -> None:
+    error = _template_error(
+        *MINIMAL_SET, "secret.existingSecret=controller-credentials",
+        "runner.database.user=dharma_runner_login",
+    )  # fmt: skip
+    assert "runner.secret.existingSecret" in error
+
+
+def test_notes_say_when_runners_share_the_controllers_login() -> None:
+    def notes(*extra: str) -> str:
+        result = helm("install", "t", str(CHART), "--dry-run=client",
+                      *values_args(set_values=[*MINIMAL_SET, *extra]))  # fmt: skip
+        return result.stdout.partition("NOTES:")[2]
+
+    assert "IN ROLE dharma_runner" in notes()
+    assert "IN ROLE dharma_runner" not in notes("runner.database.user=r")
+    assert 'Pod Security "restricted"' in notes()

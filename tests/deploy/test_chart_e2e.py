@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from controller.jobspec import LaunchSpec, build_job, job_name
+from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kube import KubernetesExecutor
 from controller.lease import LeaseElector
 from controller.model import RunnerKey
@@ -283,14 +283,15 @@ def test_service_account_can_do_the_controllers_whole_job(kube: Kube, release: R
     Lease."""
     settings = _installed_settings(kube, release)
     sa_api = _service_account_client(kube, release.namespace, _controller_name(release))
-    executor = KubernetesExecutor(settings, sa_api)
+    instance = Instance(settings.INSTANCE_NAME, uuid.uuid4())
+    executor = KubernetesExecutor(settings, sa_api, instance=instance)
     executor.start(lambda: None)
     try:
         wait_until(executor.synced, what="the executor's Job and pod caches to sync")
         spec = LaunchSpec(job_id=4242, attempt=1, media_id=str(uuid.uuid4()), memory_limit=None)
         [launched] = executor.launch([spec])
         assert launched.error is None, launched.error
-        runner_name = job_name(settings, 4242, 1)
+        runner_name = job_name(settings, instance, 4242, 1)
         assert launched.runner_name == runner_name
         wait_until(lambda: executor.jobs.get(runner_name), what="the Job in the watch cache")
         wait_until(executor.pods.items, what="the runner pod in the watch cache")
@@ -351,7 +352,7 @@ def test_service_account_cannot_read_secrets(kube: Kube, release: Release) -> No
 def _runner_job(namespace: str) -> Manifest:
     settings = controller_settings(render(set_values=MINIMAL_SET, namespace=namespace))
     spec = LaunchSpec(job_id=77, attempt=2, media_id=str(uuid.uuid4()), memory_limit=None)
-    return build_job(settings, spec)
+    return build_job(settings, spec, Instance(settings.INSTANCE_NAME, uuid.uuid4()))
 
 
 def _bare_pod(job: Manifest, name: str) -> Manifest:

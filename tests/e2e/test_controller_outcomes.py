@@ -81,8 +81,8 @@ def test_success(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -
     controller = start_controller(env)
     done = eventually(lambda: finished(queue, job_id), "the job to finish")
     assert done["status"] == "completed" and done["attempts"] == 1
-    assert done["runner_name"] == f"dharma-stt-{job_id}-1"
-    assert kube_setup.job_names() == [f"dharma-stt-{job_id}-1"]
+    assert done["runner_name"] == kube_setup.runner_name(job_id, 1)
+    assert kube_setup.job_names() == [kube_setup.runner_name(job_id, 1)]
     (pod,) = kube_setup.pods(done["runner_name"])
     assert pod["metadata"]["labels"]["dharma.stream/job-id"] == str(job_id)
     assert controller.events("attempt succeeded", job_id=job_id)
@@ -129,7 +129,10 @@ def test_temporary_error_is_retried_then_gives_up(
     assert (done["status"], done["attempts"], done["failure_reason"]) == (
         "failed", 2, "runner_error_temporary")  # fmt: skip
     assert done["error_message"] == "WebDAV answered 503 (attempt 2 of 2; no attempts left)"
-    assert kube_setup.job_names() == [f"dharma-stt-{job_id}-1", f"dharma-stt-{job_id}-2"]
+    assert kube_setup.job_names() == [
+        kube_setup.runner_name(job_id, 1),
+        kube_setup.runner_name(job_id, 2),
+    ]
 
 
 @pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
@@ -151,7 +154,10 @@ def test_oom_killed_retries_with_more_memory(
             "limits"]["memory"]
         for j in kube_setup.jobs()
     }  # fmt: skip
-    assert limits == {f"dharma-stt-{job_id}-1": "256Mi", f"dharma-stt-{job_id}-2": "512Mi"}
+    assert limits == {
+        kube_setup.runner_name(job_id, 1): "256Mi",
+        kube_setup.runner_name(job_id, 2): "512Mi",
+    }
 
 
 @pytest.mark.usefixtures("runner_commits")  # and yet no success: it commits for no other fate
@@ -203,7 +209,7 @@ def test_cancellation_deletes_the_job_and_its_pods(
 ) -> None:
     job_id = add_job(queue)
     start_controller({**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "external"})})
-    name = f"dharma-stt-{job_id}-1"
+    name = kube_setup.runner_name(job_id, 1)
     eventually(
         lambda: any(p["status"].get("phase") == "Running" for p in kube_setup.pods(name)),
         "the runner pod to run",
@@ -221,7 +227,7 @@ def test_job_deleted_externally_is_reported_not_relaunched(
     (a retry with its own name), never a silent re-creation of the same one."""
     job_id = add_job(queue, max_attempts=1)
     start_controller({**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "external"})})
-    name = f"dharma-stt-{job_id}-1"
+    name = kube_setup.runner_name(job_id, 1)
     eventually(lambda: row(queue, job_id)["runner_name"] == name, "the Job to be recorded")
     kube_setup.batch.delete_namespaced_job(name, kube_setup.namespace,
                                            propagation_policy="Background")  # fmt: skip
@@ -238,7 +244,7 @@ def test_pod_deleted_externally_is_reported(
     the row says the pod was deleted externally."""
     job_id = add_job(queue, max_attempts=1)
     start_controller({**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "external"})})
-    name = f"dharma-stt-{job_id}-1"
+    name = kube_setup.runner_name(job_id, 1)
     pod = eventually(
         lambda: next((p for p in kube_setup.pods(name) if p["status"].get("phase") == "Running"),
                      None),

@@ -122,7 +122,7 @@ def test_real_jobrunner_from_the_created_pod_spec(
     media_id = queue.add_media(kind)
     job_id = queue.enqueue(media_id)
     start_controller({**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "external"})})
-    name = f"dharma-stt-{job_id}-1"
+    name = kube_setup.runner_name(job_id, 1)
 
     def running_pod() -> dict[str, Any] | None:
         pods = kube_setup.pods(name)

@@ -46,7 +46,7 @@ def test_crash_between_claim_and_job_creation(
     start_controller(kube_setup.env)
     done = eventually(lambda: finished(queue, job_id), "the job to finish")
     assert (done["status"], done["attempts"]) == ("completed", 1)
-    assert kube_setup.job_names() == [f"dharma-stt-{job_id}-1"]
+    assert kube_setup.job_names() == [kube_setup.runner_name(job_id, 1)]
 
 
 def test_crash_after_the_job_finished_before_recording(
@@ -61,7 +61,7 @@ def test_crash_after_the_job_finished_before_recording(
     restarted = start_controller(kube_setup.env)
     done = eventually(lambda: finished(queue, job_id), "the job to be recorded")
     assert (done["status"], done["attempts"]) == ("completed", 1)
-    assert kube_setup.job_names() == [f"dharma-stt-{job_id}-1"]
+    assert kube_setup.job_names() == [kube_setup.runner_name(job_id, 1)]
     assert len(restarted.events("attempt succeeded", job_id=job_id)) == 1
     assert not restarted.events("runner launched")
 
@@ -87,7 +87,7 @@ def test_two_replicas_one_job_per_attempt(
     more = [add_job(queue) for _ in range(3)]
     eventually(lambda: all(finished(queue, j) for j in more), "the second batch", timeout=90)
     assert standby.events("leadership changed", leader=True)
-    expected = sorted(f"dharma-stt-{j}-1" for j in jobs + more)
+    expected = sorted(kube_setup.runner_name(j, 1) for j in jobs + more)
     assert kube_setup.job_names() == expected
     assert {row(queue, j)["status"] for j in jobs + more} == {"completed"}
 

@@ -149,7 +149,7 @@ def test_extreme_aspect_ratios_are_encoded(
     video = _stream(out / "video.mp4", "video")
     assert (video["codec_name"], video["pix_fmt"]) == ("h264", "yuv420p")
     assert (video["width"], video["height"]) == size
-    assert _extinf(out) and (out / "hls" / "segment00000.ts").is_file()
+    assert _extinf(out) and (out / "hls" / f"j{job.job_id}-a{job.attempt}-00000.ts").is_file()
     assert list(scratch.iterdir()) == []
 
 

@@ -32,19 +32,41 @@ def media(queue: Queue) -> Any:
         return cur.fetchone()[0]
 
 
-def enqueue(queue: Queue, count: int, **columns: Any) -> list[int]:
-    media_id = media(queue)
+def enqueue(queue: Queue, count: int, media_id: Any = None, **columns: Any) -> list[int]:
+    """`count` pending rows, each for its own new media (as uploads make them), or all for
+    `media_id` (one media's jobs run one at a time, issue 10 defect 11)."""
     names = ", ".join(["media_id", *columns])
     marks = ", ".join(["%s"] * (1 + len(columns)))
     ids = []
     for _ in range(count):
         with queue.conn.cursor() as cur:
+            media_id_of_row = media(queue) if media_id is None else media_id
             cur.execute(
                 f"INSERT INTO dharma.stt_jobs ({names}) VALUES ({marks}) RETURNING id",
-                (media_id, *columns.values()),
+                (media_id_of_row, *columns.values()),
             )
             ids.append(cur.fetchone()[0])
     return ids
+
+
+def claim_in_parallel(db: Database, count: int, claim: Callable[[int, Store], None]) -> None:
+    """Run `claim(index, store)` on `count` threads, each with its own Store (connection),
+    released together by a barrier so their claims race."""
+    barrier = threading.Barrier(count)
+
+    def claimer(index: int) -> None:
+        store = Store(db.settings, f"claimer-{index}")
+        barrier.wait()
+        try:
+            claim(index, store)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
 
 
 def test_claim_sets_the_attempt_and_respects_the_cap(db: Database, queue: Queue) -> None:
@@ -107,24 +129,79 @@ def test_concurrent_claimers_never_share_a_row_nor_exceed_the_cap(
     """Four claimers in parallel, batch 7, cap 25 over 60 rows: each row is claimed once and
     no more than 25 are ever processing (the advisory lock makes the count exact)."""
     enqueue(queue, 60)
-    barrier = threading.Barrier(4)
     claims: list[list[int]] = [[] for _ in range(4)]
 
-    def claimer(index: int) -> None:
-        store = Store(db.settings, f"claimer-{index}")
-        barrier.wait()
+    def claim(index: int, store: Store) -> None:
         while rows := store.claim(f"c{index}", batch=7, max_in_flight=25):
             claims[index].extend(r.id for r in rows)
-        store.close()
 
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    claim_in_parallel(db, 4, claim)
     everything = [job for claimed in claims for job in claimed]
     assert len(everything) == len(set(everything)) == 25
     assert queue.row("SELECT count(*) FROM dharma.stt_jobs WHERE status = 'processing'")[0] == 25
+
+
+def test_one_run_per_media_the_oldest_first_others_not_held_up(db: Database, queue: Queue) -> None:
+    """Issue 10, defect 11: two jobs of one media never run at once (their WebDAV files and
+    subtitles would mix). Both rows stay enqueued; the younger waits until the older is
+    final, even with a higher priority, while other media's rows are claimed as usual."""
+    talk = media(queue)
+    first, second = enqueue(queue, 2, media_id=talk)
+    queue.row("UPDATE dharma.stt_jobs SET priority = 9 WHERE id = %s RETURNING id", second)
+    (other,) = enqueue(queue, 1)
+    store = Store(db.settings, "test")
+    claimed = store.claim("a", batch=10, max_in_flight=10)
+    assert sorted(r.id for r in claimed) == [first, other]
+    assert store.claim("a", batch=10, max_in_flight=10) == []
+    assert store.next_due() is None  # the held row is not "due": the loop must not spin
+    (later,) = enqueue(queue, 1)  # a new media arriving meanwhile is not held up
+    assert [r.id for r in store.claim("a", batch=10, max_in_flight=10)] == [later]
+    assert store.record_failure(RunnerKey(first, 1), "runner_error_permanent", "bad media")
+    assert [r.id for r in store.claim("a", batch=10, max_in_flight=10)] == [second]
+    assert queue.rows(
+        "SELECT id, status FROM dharma.stt_jobs WHERE media_id = %s ORDER BY id", talk
+    ) == [(first, "failed"), (second, "processing")]
+    store.close()
+
+
+def test_a_media_waits_for_its_older_row_even_while_that_one_backs_off(
+    db: Database, queue: Queue
+) -> None:
+    """A younger row does not overtake an older row of its media waiting for a retry: the
+    media's jobs finish in insertion order, so the last request's result is the one kept."""
+    talk = media(queue)
+    first, _ = enqueue(queue, 2, media_id=talk)
+    queue.row(
+        "UPDATE dharma.stt_jobs SET run_after = now() + interval '1 hour' WHERE id = %s"
+        " RETURNING id",
+        first,
+    )
+    store = Store(db.settings, "test")
+    assert store.claim("a", batch=10, max_in_flight=10) == []
+    next_due = store.next_due()
+    assert next_due is not None and 3500 < next_due <= 3600  # the older row's retry
+    queue.row("UPDATE dharma.stt_jobs SET run_after = now() WHERE id = %s RETURNING id", first)
+    assert [r.id for r in store.claim("a", batch=10, max_in_flight=10)] == [first]
+    store.close()
+
+
+def test_concurrent_claimers_never_run_one_media_twice(db: Database, queue: Queue) -> None:
+    """Four claimers in parallel over 5 media with 4 rows each: one row per media runs."""
+    talks = [media(queue) for _ in range(5)]
+    for talk in talks:
+        enqueue(queue, 4, media_id=talk)
+
+    def claim(index: int, store: Store) -> None:
+        for _ in range(5):
+            store.claim(f"c{index}", batch=3, max_in_flight=50)
+
+    claim_in_parallel(db, 4, claim)
+    running = queue.rows(
+        "SELECT media_id, min(id), count(*) FROM dharma.stt_jobs WHERE status = 'processing'"
+        " GROUP BY media_id"
+    )
+    oldest = queue.rows("SELECT media_id, min(id) FROM dharma.stt_jobs GROUP BY media_id")
+    assert sorted(running) == sorted((m, first, 1) for m, first in oldest)
 
 
 def test_status_writes_are_fenced(db: Database, queue: Queue) -> None:

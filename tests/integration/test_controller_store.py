@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 
+from controller.migrate import available_migrations
 from controller.model import RunnerKey
 from controller.settings import ControllerSettings
-from controller.store import DatabaseUnavailable, Store
+from controller.store import DatabaseUnavailable, MissingInstallation, Store
 from dharma_common.settings import load_settings
 from tests.services import Database
 
@@ -94,3 +97,30 @@ def test_session_timeouts_are_set(store: Store) -> None:
             " current_setting('idle_in_transaction_session_timeout')"
         )
         assert cur.fetchone() == ("30s", "1s", "1min")
+
+
+def test_installation_id_is_one_row_the_database_generates(db: Database, store: Store) -> None:
+    """Migration 0004 (issue 10, defect 1): the id every Job's instance label and name are
+    made of. One row only; re-running the migration keeps it; the store reads it."""
+    (installation,) = [m for m in available_migrations() if m.version == 4]
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM dharma.installation")
+        (generated,) = cur.fetchone()
+        cur.execute(installation.sql)  # idempotent: no second row, the same id
+        cur.execute("SELECT id FROM dharma.installation")
+        assert cur.fetchall() == [(generated,)]
+        with pytest.raises(psycopg2.IntegrityError):
+            cur.execute("INSERT INTO dharma.installation (singleton) VALUES (false)")
+        with pytest.raises(psycopg2.IntegrityError):
+            cur.execute("INSERT INTO dharma.installation DEFAULT VALUES")
+    assert store.installation_id() == uuid.UUID(str(generated))
+
+
+def test_missing_installation_says_to_migrate(db: Database, store: Store) -> None:
+    with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
+        cur.execute("DROP TABLE dharma.installation")
+    with pytest.raises(MissingInstallation, match="dharma-controller migrate"):
+        store.installation_id()
+    # The failed read did not break the store's connection.
+    assert store.owners([]) == {}
+    assert store.queue_depth() is not None

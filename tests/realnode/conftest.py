@@ -25,8 +25,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from controller.jobspec import job_name
+from controller.settings import ControllerSettings
+from dharma_common.settings import load_settings
 from tests.conftest import Queue
-from tests.controller_fixtures import kube_controller_env, prepare_runner_namespace
+from tests.controller_fixtures import instance_of, kube_controller_env, prepare_runner_namespace
 from tests.images import CONTROLLER, IMAGES, RUNNER, Docker
 from tests.services import Database, WebDAVServer
 from tests.testbed import Kube, RealNode
@@ -56,6 +59,12 @@ class RealSetup:
     pod_env: dict[str, str]
     batch: Any
     core: Any
+
+    def runner_name(self, job_id: int, attempt: int = 1) -> str:
+        """The Job name of an attempt of a controller started with `env` (its installation:
+        INSTANCE_NAME and its database's installation id)."""
+        settings = load_settings(ControllerSettings, **self.env)
+        return job_name(settings, instance_of(self.env), job_id, attempt)
 
     def pods(self, job_name: str) -> list[dict[str, Any]]:
         response = self.core.list_namespaced_pod(

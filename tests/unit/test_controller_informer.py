@@ -64,3 +64,30 @@ def test_relist_keeps_tombstones_only_for_pods_of_live_jobs() -> None:
     assert kept is not None and kept[DELETED_MARK] is True
     assert cache.get("b-1") is None
     assert cache.get("c-1") == pod("c-1", "job-c")
+
+
+def test_list_and_watch_use_the_selector_bound_before_start() -> None:
+    """The executor binds its installation's selector after building its caches (the
+    database says which installation it is): both the list and the watch must ask with it,
+    or the cache would hold, and the sweep delete, other installations' Jobs."""
+    asked: list[tuple[bool, str]] = []
+    page = {"metadata": {"resourceVersion": "7"}, "items": []}
+
+    class Stream:
+        def stream(self, *args: Any, **kwargs: Any) -> Any:
+            return iter([])
+
+        def release_conn(self) -> None:
+            pass
+
+    def list_fn(*args: Any, **kwargs: Any) -> Any:
+        asked.append((bool(kwargs.get("watch")), kwargs["label_selector"]))
+        if kwargs.get("watch"):
+            return Stream()
+        return SimpleNamespace(data=json.dumps(page).encode())
+
+    cache = informer(alive_jobs=set(), list_fn=list_fn)
+    cache.selector = "app.kubernetes.io/managed-by=dharma-controller,dharma.stream/instance=a-1"
+    version = cache._relist()
+    cache._watch(version)
+    assert asked == [(False, cache.selector), (True, cache.selector)]

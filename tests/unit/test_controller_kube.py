@@ -1,9 +1,12 @@
 """AlreadyExists at create: adopt the existing Job only when its labels say it is this
-attempt's Job, made by this controller. No API server: the Batch API is a stand-in."""
+attempt's Job, made by this installation; and another installation's Jobs in the cache are
+never observed, swept or deleted (issue 10, defect 1). No API server: the Batch API is a
+stand-in."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,20 +14,37 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controller.jobspec import LaunchSpec, build_job
+from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kube import KubernetesExecutor
 from controller.kubestate import foreign_labels
-from controller.model import RunnerKey
+from controller.model import NOT_FOUND, Phase, RunnerKey
 from controller.settings import ControllerSettings
 
 SETTINGS = ControllerSettings(DB_HOST="db", DB_USER="u", NAMESPACE="ns")
 SPEC = LaunchSpec(7, 1, "00000000-0000-0000-0000-000000000001", None)
-OURS = build_job(SETTINGS, SPEC)["metadata"]["labels"]
+INSTANCE = Instance("prod", uuid.UUID("11111111-2222-4333-8444-555555555555"))
+#: The same release name against another database (a restored or reinstalled one).
+OLD_DATABASE = Instance("prod", uuid.UUID("99999999-2222-4333-8444-555555555555"))
+#: Another release in the same namespace.
+OTHER_RELEASE = Instance("staging", INSTANCE.installation_id)
+OURS = build_job(SETTINGS, SPEC, INSTANCE)["metadata"]["labels"]
+NAME = job_name(SETTINGS, INSTANCE, 7, 1)
 
 
 def existing(**labels: str | None) -> dict[str, Any]:
     merged = {k: v for k, v in {**OURS, **labels}.items() if v is not None}
-    return {"metadata": {"name": "dharma-stt-7-1", "labels": merged}, "status": {}}
+    return {"metadata": {"name": NAME, "labels": merged}, "status": {}}
+
+
+KEY = RunnerKey(7, 1)
+
+
+def running_job(instance: Instance, key: RunnerKey = KEY) -> dict[str, Any]:
+    """Another installation's (or our) Job of `key`, started, as the cache holds it."""
+    manifest = build_job(SETTINGS, LaunchSpec(key.job_id, key.attempt, SPEC.media_id, None),
+                         instance)  # fmt: skip
+    meta = {**manifest["metadata"], "creationTimestamp": "2026-01-01T00:00:00Z"}
+    return {"metadata": meta, "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
 
 
 @pytest.mark.parametrize(
@@ -37,11 +57,15 @@ def existing(**labels: str | None) -> dict[str, Any]:
          "app.kubernetes.io/managed-by=<unset>"),
         (existing(**{"app.kubernetes.io/managed-by": "helm", "dharma.stream/attempt": "2"}),
          "dharma.stream/attempt=2, app.kubernetes.io/managed-by=helm"),
+        (existing(**{"dharma.stream/instance": OLD_DATABASE.label}),
+         f"dharma.stream/instance={OLD_DATABASE.label}"),
+        (existing(**{"dharma.stream/instance": None}), "dharma.stream/instance=<unset>"),
     ],
-    ids=["ours", "other attempt", "other job", "unmanaged", "two differ"],
+    ids=["ours", "other attempt", "other job", "unmanaged", "two differ", "other database",
+         "no instance (an older controller's)"],
 )  # fmt: skip
 def test_foreign_labels(job: dict[str, Any], expected: str | None) -> None:
-    assert foreign_labels(job, RunnerKey(7, 1)) == expected
+    assert foreign_labels(job, RunnerKey(7, 1), INSTANCE.label) == expected
 
 
 class FakeBatch:
@@ -56,19 +80,81 @@ class FakeBatch:
 
 
 def executor(found: dict[str, Any]) -> KubernetesExecutor:
-    kube = KubernetesExecutor(SETTINGS, client.ApiClient())
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
     kube._batch = FakeBatch(found)
     return kube
 
 
 def test_already_exists_with_our_labels_is_launched_before() -> None:
     (result,) = executor(existing()).launch([SPEC])
-    assert (result.runner_name, result.error) == ("dharma-stt-7-1", None)
+    assert (result.runner_name, result.error) == (NAME, None)
 
 
 def test_already_exists_with_other_labels_fails_the_launch() -> None:
     (result,) = executor(existing(**{"dharma.stream/attempt": "3"})).launch([SPEC])
     assert result.runner_name is None and result.foreign
     assert result.error == (
-        "Job dharma-stt-7-1 already exists but is not this attempt's (dharma.stream/attempt=3)"
+        f"Job {NAME} already exists but is not this attempt's (dharma.stream/attempt=3)"
     )
+
+
+@pytest.mark.parametrize("other", [OLD_DATABASE, OTHER_RELEASE], ids=["database", "release"])
+def test_already_exists_of_another_installation_is_not_adopted(other: Instance) -> None:
+    """A 409 whose Job carries another installation's label (same job id and attempt) fails
+    the launch as foreign: its outcome must never be recorded as this attempt's."""
+    (result,) = executor(existing(**{"dharma.stream/instance": other.label})).launch([SPEC])
+    assert result.runner_name is None and result.foreign
+    assert f"dharma.stream/instance={other.label}" in (result.error or "")
+
+
+def test_job_names_differ_per_installation() -> None:
+    names = {job_name(SETTINGS, i, 7, 1) for i in (INSTANCE, OLD_DATABASE, OTHER_RELEASE)}
+    assert len(names) == 3 and all(n.startswith("dharma-stt-") for n in names)
+
+
+@pytest.mark.parametrize("other", [OLD_DATABASE, OTHER_RELEASE], ids=["database", "release"])
+def test_another_installations_job_is_never_ours(other: Instance) -> None:
+    """Even if another installation's Job reaches the cache (under its own name, or a name
+    equal to ours), it is not observed as this attempt's runner, not listed as alive (so
+    the sweep never deletes it), and `delete` targets only our own name."""
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    theirs = running_job(other)
+    kube.jobs.put(theirs)
+    impostor = running_job(other)
+    impostor["metadata"] = {**impostor["metadata"], "name": NAME}  # our name, their labels
+    kube.jobs.put(impostor)
+    assert kube.observe(RunnerKey(7, 1)) == NOT_FOUND
+    assert kube.alive() == []
+    kube.jobs.put(running_job(INSTANCE, RunnerKey(8, 2)))
+    assert kube.alive() == [RunnerKey(8, 2)]
+    deleted: list[str] = []
+    kube._batch = SimpleNamespace(delete_namespaced_job=lambda name, *a, **k: deleted.append(name))
+    kube.delete(RunnerKey(7, 1))
+    assert deleted == [NAME] != [theirs["metadata"]["name"]]
+
+
+def test_our_running_job_is_observed() -> None:
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    kube.jobs.put(running_job(INSTANCE))
+    seen = kube.observe(RunnerKey(7, 1))
+    assert seen.runner_name == NAME and seen.phase is not Phase.NONE
+
+
+def test_watches_select_only_this_installation() -> None:
+    """Both caches list and watch with the instance selector; unbound, nothing starts."""
+    calls: list[str] = []
+
+    def list_fn(namespace: str, **kwargs: Any) -> Any:
+        calls.append(kwargs["label_selector"])
+        raise ApiException(status=500, reason="stop here")
+
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient())
+    with pytest.raises(RuntimeError, match="bind"):
+        kube.start(lambda: None)
+    kube.bind(INSTANCE)
+    for informer in (kube.jobs, kube.pods):
+        informer._list = list_fn
+        with pytest.raises(ApiException):
+            informer._relist()
+    assert calls == [INSTANCE.selector, INSTANCE.selector]
+    assert "dharma.stream/instance=prod-11111111" in INSTANCE.selector

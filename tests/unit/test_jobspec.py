@@ -5,16 +5,25 @@ same Jobs in namespaces that *enforce* `restricted` in the real API server.)"""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
 
-from controller.jobspec import LaunchSpec, build_job
+from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.settings import ControllerSettings
-from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_MEDIA_ID
+from dharma_common.contract import (
+    LABEL_ATTEMPT,
+    LABEL_INSTANCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED_BY,
+    LABEL_MEDIA_ID,
+)
 from dharma_common.settings import ConfigError, load_settings
 
 MEDIA = "6f1c7c52-9d3e-4a57-8f1b-0d9f1b2f4c11"
+DB_ID = uuid.UUID("0d5e2a71-3c4b-4f6a-9e8d-7c6b5a493827")
+INSTANCE = Instance("media-prod", DB_ID)
 
 
 def settings(**overrides: Any) -> ControllerSettings:
@@ -24,7 +33,7 @@ def settings(**overrides: Any) -> ControllerSettings:
 
 
 def job(memory_limit: str | None = None, **overrides: Any) -> dict[str, Any]:
-    return build_job(settings(**overrides), LaunchSpec(42, 3, MEDIA, memory_limit))
+    return build_job(settings(**overrides), LaunchSpec(42, 3, MEDIA, memory_limit), INSTANCE)
 
 
 def pod(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +43,7 @@ def pod(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def test_identity_name_labels_and_command() -> None:
     manifest = job(NAMESPACE="media", JOB_NAME_PREFIX="stt")
-    assert manifest["metadata"]["name"] == "stt-42-3"
+    assert manifest["metadata"]["name"] == f"stt-{INSTANCE.name_hash}-42-3"
     assert manifest["metadata"]["namespace"] == "media"
     for labels in (
         manifest["metadata"]["labels"],
@@ -44,6 +53,7 @@ def test_identity_name_labels_and_command() -> None:
         assert labels[LABEL_ATTEMPT] == "3"
         assert labels[LABEL_MEDIA_ID] == MEDIA
         assert labels[LABEL_MANAGED_BY] == "dharma-controller"
+        assert labels[LABEL_INSTANCE] == "media-prod-0d5e2a71"
     container = pod(manifest)["containers"][0]
     assert container["command"] == ["dharma-jobrunner", "run", "--job-id", "42", "--attempt", "3"]
     assert container["terminationMessagePolicy"] == "File"
@@ -75,13 +85,29 @@ def test_job_level_contract() -> None:
 def test_configuration_is_referenced_never_copied() -> None:
     manifest = job(RUNNER_SECRET_NAME="stt-secret", RUNNER_CONFIGMAP_NAME="stt-config")
     container = pod(manifest)["containers"][0]
-    assert container["envFrom"] == [
-        {"configMapRef": {"name": "stt-config"}},
-        {"secretRef": {"name": "stt-secret"}},
-    ]
+    assert container["envFrom"] == [{"configMapRef": {"name": "stt-config"}}]
     text = json.dumps(manifest)
-    assert "db-secret" not in text and "DB_PASSWORD" not in text
-    assert {e["name"] for e in container["env"]} == {"SCRATCH_DIR", "TMPDIR", "HOME"}
+    assert "db-secret" not in text
+    assert {e["name"] for e in container["env"]} == {
+        "SCRATCH_DIR", "TMPDIR", "HOME", "DB_PASSWORD", "WEBDAV_PASSWORD",
+    }  # fmt: skip
+
+
+def test_runner_takes_only_its_two_keys_from_the_secret() -> None:
+    """Least privilege (issue 10): no `envFrom` of the Secret — whatever else is in it (the
+    controller's password, other services' keys) never reaches a runner — and each key by
+    `secretKeyRef`, so no value is in the Job."""
+    container = pod(job(RUNNER_SECRET_NAME="stt-runner"))["containers"][0]
+    assert not [s for s in container["envFrom"] if "secretRef" in s]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {
+        "DB_PASSWORD": {"name": "stt-runner", "key": "DB_PASSWORD"},
+        "WEBDAV_PASSWORD": {"name": "stt-runner", "key": "WEBDAV_PASSWORD"},
+    }
 
 
 def test_resources_and_oom_override() -> None:
@@ -221,7 +247,53 @@ def test_further_hardening() -> None:
     assert spec["securityContext"]["runAsUser"] == 10001
 
 
-@pytest.mark.parametrize("prefix", ["Bad", "-x", "x" * 40])
+def test_instance_is_in_label_selector_and_name() -> None:
+    """Issue 10, defect 1: one installation's Jobs are told from another's by the release
+    and the database's installation id — in the label, the watch selector and the name."""
+    assert INSTANCE.label == "media-prod-0d5e2a71"
+    assert INSTANCE.selector == (
+        "app.kubernetes.io/managed-by=dharma-controller,dharma.stream/instance=media-prod-0d5e2a71"
+    )
+    s = settings()
+    other_release = Instance("media-test", DB_ID)
+    other_database = Instance("media-prod", uuid.UUID("6a1f0000-0000-4000-8000-000000000001"))
+    names = {job_name(s, i, 42, 3) for i in (INSTANCE, other_release, other_database)}
+    assert len(names) == 3
+    assert other_release.label != INSTANCE.label != other_database.label
+    assert build_job(s, LaunchSpec(42, 3, MEDIA, None), INSTANCE) != build_job(
+        s, LaunchSpec(42, 3, MEDIA, None), other_database
+    )
+
+
+def test_instance_label_cannot_be_overridden_by_pod_labels() -> None:
+    manifest = job(RUNNER_POD_LABELS='{"dharma.stream/instance": "someone-else"}')
+    assert manifest["spec"]["template"]["metadata"]["labels"][LABEL_INSTANCE] == INSTANCE.label
+
+
+def test_longest_name_and_label_stay_within_63_characters() -> None:
+    """The longest prefix, a bigint job id, an int attempt; the longest release name."""
+    s = settings(JOB_NAME_PREFIX="p" * 23)
+    longest = Instance("r" * 54, DB_ID)
+    name = job_name(s, longest, 2**63 - 1, 2**31 - 1)
+    assert len(name) == 63
+    assert len(longest.label) == 63
+    assert load_settings(
+        ControllerSettings, DB_HOST="db", DB_USER="u", INSTANCE_NAME="r" * 54
+    ).INSTANCE_NAME == "r" * 54  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["Bad", "-x", "x-", "a_b", "r" * 55, ""])
+def test_bad_instance_name_is_rejected(name: str) -> None:
+    with pytest.raises(ConfigError, match="INSTANCE_NAME"):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", INSTANCE_NAME=name)
+
+
+def test_instance_name_default_and_release_names_with_dots() -> None:
+    assert settings().INSTANCE_NAME == "dharma-stream"
+    assert settings(INSTANCE_NAME="media.prod").INSTANCE_NAME == "media.prod"
+
+
+@pytest.mark.parametrize("prefix", ["Bad", "-x", "x" * 40, "x" * 24])
 def test_bad_prefix_is_rejected(prefix: str) -> None:
     with pytest.raises(ConfigError, match="JOB_NAME_PREFIX"):
         load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", JOB_NAME_PREFIX=prefix)

@@ -59,13 +59,33 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-runner" (include "dharma-stream.fullname" .) }}
 {{- end }}
 
-{{/* The Secret with DB_PASSWORD and WEBDAV_PASSWORD: the user's, or the chart's. */}}
+{{/* The controller's and migrations' Secret (key DB_PASSWORD): the user's, or the chart's. */}}
 {{- define "dharma-stream.secretName" -}}
 {{- if .Values.secret.existingSecret }}
 {{- .Values.secret.existingSecret }}
 {{- else }}
 {{- include "dharma-stream.fullname" . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The runners' Secret (keys DB_PASSWORD and WEBDAV_PASSWORD, RUNNER_SECRET_NAME): the user's
+runner.secret.existingSecret; else, runners sharing the controller's login and its existing
+Secret, that Secret; else the one the chart makes (secret.yaml).
+*/}}
+{{- define "dharma-stream.runnerSecretName" -}}
+{{- if .Values.runner.secret.existingSecret }}
+{{- .Values.runner.secret.existingSecret }}
+{{- else if .Values.secret.existingSecret }}
+{{- .Values.secret.existingSecret }}
+{{- else }}
+{{- printf "%s-runner" (include "dharma-stream.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The runners' DB_USER: their own login, or the controller's. */}}
+{{- define "dharma-stream.runnerDbUser" -}}
+{{- default .Values.database.user .Values.runner.database.user }}
 {{- end }}
 
 {{- define "dharma-stream.serviceAccountName" -}}
@@ -150,6 +170,40 @@ warns, and the controller refuses to start with a message naming the variable.
 {{- if and (not .Values.secret.existingSecret) (not .Values.secret.create) }}
 {{- fail "set secret.existingSecret to a Secret with DB_PASSWORD and WEBDAV_PASSWORD, or secret.create=true" }}
 {{- end }}
+{{- if and .Values.runner.database.user .Values.secret.existingSecret (not .Values.runner.secret.existingSecret) }}
+{{- fail "runner.database.user is set and secret.existingSecret is used: set runner.secret.existingSecret to the runners' Secret (keys DB_PASSWORD of runner.database.user, and WEBDAV_PASSWORD)" }}
+{{- end }}
+{{- if and (not .Values.runner.secret.existingSecret) (not .Values.secret.existingSecret) (not .Values.secret.create) }}
+{{- fail "set runner.secret.existingSecret, or secret.create=true" }}
+{{- end }}
+{{- if and (hasPrefix "http://" (lower .Values.webdav.baseUrl)) (not .Values.webdav.allowInsecureHttp) }}
+{{- fail (printf "webdav.baseUrl %s is plain http: the WebDAV password and every talk would cross the network unencrypted. Use https://, or set webdav.allowInsecureHttp=true to accept that" .Values.webdav.baseUrl) }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- if $np.enabled }}
+{{- if not $np.databaseCidrs }}
+{{- fail "networkPolicy.enabled (the default) needs networkPolicy.databaseCidrs, the address(es) of PostgreSQL such as [10.20.0.5/32]: runners may reach nothing else. Or set networkPolicy.enabled=false if you apply NetworkPolicies of your own" }}
+{{- end }}
+{{- if not $np.webdav.cidrs }}
+{{- fail "networkPolicy.enabled (the default) needs networkPolicy.webdav.cidrs, the address(es) of the WebDAV server such as [203.0.113.10/32]: runners may reach nothing else. Or set networkPolicy.enabled=false if you apply NetworkPolicies of your own" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Ports of the WebDAV server for the runners' NetworkPolicy (JSON list). */}}
+{{- define "dharma-stream.webdavPorts" -}}
+{{- $ports := .Values.networkPolicy.webdav.ports }}
+{{- if not $ports }}
+{{- $url := urlParse (default "https://" .Values.webdav.baseUrl) }}
+{{- if regexMatch ":[0-9]+$" $url.host }}
+{{- $ports = list (regexFind "[0-9]+$" $url.host | int) }}
+{{- else if eq (lower $url.scheme) "http" }}
+{{- $ports = list 80 }}
+{{- else }}
+{{- $ports = list 443 }}
+{{- end }}
+{{- end }}
+{{- toJson $ports }}
 {{- end }}
 
 {{/* Required settings that are still empty (for NOTES.txt). */}}
@@ -161,13 +215,15 @@ warns, and the controller refuses to start with a message naming the variable.
 {{- join ", " $missing }}
 {{- end }}
 
-{{/* NetworkPolicy egress to DNS: any resolver in the cluster (kube-dns / CoreDNS). */}}
+{{/* NetworkPolicy egress to DNS: the cluster resolver (networkPolicy.dns.to), port 53. */}}
 {{- define "dharma-stream.dnsEgress" -}}
 - ports:
     - port: 53
       protocol: UDP
     - port: 53
       protocol: TCP
+  to:
+    {{- toYaml .Values.networkPolicy.dns.to | nindent 4 }}
 {{- end }}
 {{/* NetworkPolicy peers for a list of CIDRs; none means any destination. */}}
 {{- define "dharma-stream.cidrPeers" -}}
