@@ -9,10 +9,10 @@ over the whole run (a timeline of about 20 lines, and a growth check: the last t
 run against the first third, after a warm-up of 10 %), API requests per Job, and duplicate
 Jobs (must be 0).
 
-What runs is `bench.controller`'s harness, unchanged: the shared testbed as a session of this
-process (KWOK pods "succeed after --pod-delay", each with the runner's final commit played
-for it by `tests.simulated_runner`, on a connection of its own: not counted below as the
-controller's), a real PostgreSQL with its own migrated database, and ONE
+What runs is `bench.controller`'s harness (`bench.harness`), unchanged: the shared testbed
+as a session of this process (KWOK pods "succeed after --pod-delay", each with the runner's
+final commit played for it by `devtools.simulated_runner`, on a connection of its own: not
+counted below as the controller's), a real PostgreSQL with its own migrated database, and ONE
 `dharma-controller run --executor kubernetes` as the Helm chart's ServiceAccount,
 `MAX_CONCURRENT_JOBS=--cap` (200).
 
@@ -59,24 +59,26 @@ from typing import Any
 
 import psycopg2
 
-from bench.controller import (
-    RUNNER_COMMITS_NOTE,
-    SA_FLOW_SCHEMA,
+from bench.cluster import SA_FLOW_SCHEMA
+from bench.harness import (
     Harness,
     Periodic,
     Stopped,
     add_harness_arguments,
-    first_seen_and_duplicates,
-    format_load,
-    format_table,
     harness,
     insert_rows,
-    percentile,
     run_and_publish,
     status_counts,
 )
+from bench.report import (
+    RUNNER_COMMITS_NOTE,
+    first_seen_and_duplicates,
+    format_load,
+    format_table,
+    percentile,
+)
 from controller.informer import TOMBSTONE_SECONDS
-from tests.services import Database
+from devtools.services import Database
 
 #: The controller's connections, and which of them are the LISTEN connection.
 CONNECTIONS_QUERY = (

@@ -30,8 +30,8 @@ from pathlib import Path
 import psycopg2
 
 from bench.runs import claimed_attempt, runner_command
-from tests.media import MODELS, make_spoken_talk
-from tests.services import DatabaseFactory, PostgresServer, WebDAVServer
+from devtools.media import MODELS, make_spoken_talk
+from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 MIB = 2**20

@@ -25,8 +25,8 @@ from pathlib import Path
 import psycopg2
 
 from bench.runs import claimed_attempt, runner_command
-from tests.media import MODELS, WEIGHTLESS_MODEL, make_long_talk
-from tests.services import DatabaseFactory, PostgresServer, WebDAVServer
+from devtools.media import MODELS, WEIGHTLESS_MODEL, make_long_talk
+from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.store import CLAIM_LOCK_KEY, Q
-from tests.services import Database, DatabaseFactory, PostgresServer
+from devtools.services import Database, DatabaseFactory, PostgresServer
 
 #: The original specification's claim (seed), verbatim but for the schema it runs on.
 NAIVE_CLAIM = """

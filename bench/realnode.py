@@ -28,9 +28,9 @@ from typing import Any
 
 import psycopg2
 
-from tests.controller_helpers import REPO, ControllerProcess
-from tests.media import MODELS, make_long_talk
-from tests.services import DatabaseFactory, PostgresServer, WebDAVServer
+from devtools.controller_helpers import REPO, ControllerProcess
+from devtools.media import MODELS, make_long_talk
+from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 RUNNER_IMAGE = "dharma-stream/jobrunner:dev"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.media import JFK, MODELS, make_long_talk
+from devtools.media import JFK, MODELS, make_long_talk
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 BASE_MODEL = MODELS / "ggml-base.bin"

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dharma-controller",
         description="Dharma Stream batch controller. Configuration comes from the environment "
-        "(DB_HOST, DB_USER, ...; see README).",
+        "(DB_HOST, DB_USER, ...; see docs/operations.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the dharma schema (idempotent)")

@@ -25,12 +25,12 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from controller.executor import Launched
+from controller.executor import Launched, LaunchErrors
 from controller.informer import Informer
 from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
 from controller.metrics import Metrics
-from controller.model import NOT_FOUND, Observation, Phase, RunnerKey
+from controller.model import NOT_FOUND, JobRow, Observation, Phase, RunnerKey
 from controller.settings import ControllerSettings
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_INSTANCE, LABEL_JOB_ID
 from dharma_common.errors import first_line
@@ -78,7 +78,9 @@ def _status_reason(exc: ApiException) -> str:
 
 class KubernetesExecutor:
     kind = "kubernetes"
+    #: The leader owns every processing row and sees every runner: nothing is abandoned.
     owner: str | None = None
+    abandoned_after: float | None = None
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class KubernetesExecutor:
         self._metrics = metrics
         self._pool = ThreadPoolExecutor(settings.LAUNCH_CONCURRENCY, thread_name_prefix="create")
         self._wake: Callable[[], None] = lambda: None
+        self._launch_errors = LaunchErrors()
         common = {
             "namespace": settings.NAMESPACE,
             # Set by bind(): nothing is listed or watched before the instance is known.
@@ -160,16 +163,20 @@ class KubernetesExecutor:
     def problems(self) -> list[str]:
         return [p for p in (self.jobs.problem(), self.pods.problem()) if p]
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> list[RunnerKey]:
         """Stop watching. Running Jobs are left alone: the next leader adopts them."""
         self.jobs.stop()
         self.pods.stop()
         self._pool.shutdown(wait=True)
+        return []
 
     # ------------------------------------------------------------------ launching ---
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
-        return list(self._pool.map(self._create, specs))
+        results = list(self._pool.map(self._create, specs))
+        for result in results:
+            self._launch_errors.note(result)
+        return results
 
     def _create(self, spec: LaunchSpec) -> Launched:
         key = RunnerKey(spec.job_id, spec.attempt)
@@ -220,8 +227,13 @@ class KubernetesExecutor:
         name = self._name(key)
         job = self.jobs.get(name)
         if job is None or foreign_labels(job, key, self.instance.label):
-            return NOT_FOUND  # a Job of that name that is not this attempt's says nothing
+            # A Job of that name that is not this attempt's says nothing.
+            return self._launch_errors.get(key) or NOT_FOUND
         return observe_job(job, self._pods_of(name))
+
+    def observe_abandoned(self, row: JobRow) -> Observation:
+        """Never asked (`abandoned_after` is None): every runner is observed directly."""
+        return self.observe(row.key)
 
     def verify_gone(self, key: RunnerKey, runner_name: str) -> Observation:
         try:
@@ -280,6 +292,7 @@ class KubernetesExecutor:
         """Delete this installation's Job of `key`: the name carries the instance hash, so
         another installation's Job of the same job id and attempt is never hit."""
         name = self._name(key)
+        self._launch_errors.forget(key)
         try:
             self._batch.delete_namespaced_job(
                 name, self._settings.NAMESPACE, propagation_policy="Background",
@@ -294,4 +307,6 @@ class KubernetesExecutor:
             log.warning("cannot delete Job", extra={"runner_name": name, "error": str(exc)[:300]})
 
     def forget(self, key: RunnerKey) -> None:
-        """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`."""
+        """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`; only the
+        memory of failed launches is released."""
+        self._launch_errors.forget(key)

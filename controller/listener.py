@@ -30,17 +30,16 @@ log = logging.getLogger(__name__)
 
 
 class Listener:
-    """A daemon thread holding one LISTEN connection."""
+    """A daemon thread holding one LISTEN connection (the loop's `WakeSource`)."""
 
     def __init__(
         self,
         settings: DatabaseSettings,
-        wake: Callable[[], None],
         application_name: str,
         max_backoff: float = 10.0,
     ) -> None:
         self._settings = settings
-        self._wake = wake
+        self._wake: Callable[[], None] = lambda: None
         self._application_name = application_name
         self._max_backoff = max_backoff
         self._stop = threading.Event()
@@ -48,7 +47,8 @@ class Listener:
         self.connected = threading.Event()
         self.notifications = 0
 
-    def start(self) -> None:
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
         self._thread.start()
 
     def stop(self) -> None:

@@ -24,7 +24,9 @@ start it finds them through the pid files (pid + start time, so a reused pid is 
 signalled), stops them, and reports each attempt as "controller restarted" — a temporary
 failure, retried — unless the runner had already committed its results (`result_attempt`),
 which reconcile records as a success. Rows claimed by a controller that never came back are
-rescued by the service loop after the deadline has certainly passed (see service.py).
+reported abandoned once its deadline has certainly passed (`abandoned_after`,
+`observe_abandoned`), and the service loop records them like any other outcome. On shutdown
+the runners are stopped and returned for one last recording pass.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controller import faults, procfs
-from controller.executor import Launched
+from controller.executor import Launched, LaunchErrors
 from controller.jobspec import Instance, LaunchSpec
 from controller.model import (
     REASON_CONTROLLER_RESTARTED,
     REASON_DEADLINE,
     REASON_OOM,
+    JobRow,
+    KillReason,
     Observation,
     Phase,
     RunnerKey,
@@ -104,8 +108,8 @@ class _Runner:
     memory_limit: int
     #: With the pid, identifies the process across pid reuse (procfs.is_same_process).
     start_time: int = 0
-    #: Why we signalled it: "oom", "deadline", "delete", "shutdown", "orphan".
-    killed_for: str | None = None
+    #: Why we signalled it.
+    killed_for: KillReason | None = None
     term_sent: float | None = None
     kill_sent: bool = False
     outcome: Observation | None = None
@@ -127,6 +131,12 @@ class LocalExecutor:
     def __init__(self, settings: ControllerSettings) -> None:
         self._settings = settings
         self.owner: str | None = settings.identity()
+        # Another local controller's runner is killed by its deadline, then its grace; a
+        # minute more and it is certainly gone.
+        self.abandoned_after: float | None = (
+            settings.JOB_DEADLINE_SECONDS + settings.LOCAL_TERMINATION_GRACE_SECONDS + 60
+        )
+        self._launch_errors = LaunchErrors()
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", settings.identity())
         self._root = settings.LOCAL_SCRATCH_DIR / safe
         self._runners: dict[RunnerKey, _Runner] = {}
@@ -153,15 +163,15 @@ class LocalExecutor:
         problem = self._thread.problem()
         return [problem] if problem else []
 
-    def shutdown(self) -> None:
-        """Stop every runner (SIGTERM, then SIGKILL after the grace) and the monitor. Their
-        outcomes stay available for one last recording pass."""
+    def shutdown(self) -> list[RunnerKey]:
+        """Stop every runner (SIGTERM, then SIGKILL after the grace) and the monitor. Returns
+        the attempts whose outcomes are known, for one last recording pass."""
         self._stop.set()  # this thread takes over the monitoring from here
         self._thread.stop(timeout=5)
         with self._lock:
             running = [r for r in self._runners.values() if r.outcome is None]
         for runner in running:
-            self._signal(runner, "shutdown")
+            self._signal(runner, KillReason.SHUTDOWN)
         deadline = time.monotonic() + self._settings.LOCAL_TERMINATION_GRACE_SECONDS + 5
         while time.monotonic() < deadline:
             self._tick()
@@ -169,6 +179,7 @@ class LocalExecutor:
                 if all(r.outcome is not None for r in self._runners.values()):
                     break
             time.sleep(MONITOR_INTERVAL_SECONDS)
+        return self.finished_unclaimed()
 
     # ------------------------------------------------------------------ launching ---
 
@@ -178,7 +189,10 @@ class LocalExecutor:
         return self._settings.LOCAL_MEMORY_LIMIT_BYTES
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
-        return [self._launch_one(spec) for spec in specs]
+        results = [self._launch_one(spec) for spec in specs]
+        for result in results:
+            self._launch_errors.note(result)
+        return results
 
     def _launch_one(self, spec: LaunchSpec) -> Launched:
         key = RunnerKey(spec.job_id, spec.attempt)
@@ -225,10 +239,19 @@ class LocalExecutor:
         with self._lock:
             runner = self._runners.get(key)
         if runner is None:
-            return Observation(Phase.NONE)
+            return self._launch_errors.get(key) or Observation(Phase.NONE)
         if runner.outcome is not None:
             return runner.outcome
         return Observation(Phase.RUNNING, runner_name=runner.name, since=runner.started_at)
+
+    def observe_abandoned(self, row: JobRow) -> Observation:
+        return Observation(
+            Phase.FAILED,
+            runner_name=row.runner_name,
+            reason=REASON_CONTROLLER_RESTARTED,
+            message=f"abandoned: claimed by controller {row.claimed_by!r}, which did not "
+            f"finish it within JOB_DEADLINE_SECONDS ({self._settings.JOB_DEADLINE_SECONDS} s)",
+        )
 
     def verify_gone(self, key: RunnerKey, runner_name: str) -> Observation:
         seen = self.observe(key)
@@ -253,10 +276,12 @@ class LocalExecutor:
     def delete(self, key: RunnerKey) -> None:
         with self._lock:
             runner = self._runners.get(key)
+        self._launch_errors.forget(key)
         if runner is not None and runner.outcome is None:
-            self._signal(runner, "delete")
+            self._signal(runner, KillReason.DELETE)
 
     def forget(self, key: RunnerKey) -> None:
+        self._launch_errors.forget(key)
         with self._lock:
             runner = self._runners.pop(key, None)
         if runner is not None:
@@ -286,7 +311,7 @@ class LocalExecutor:
                 continue
             deadline = self._settings.JOB_DEADLINE_SECONDS
             if runner.killed_for is None and now - runner.started > deadline:
-                self._signal(runner, "deadline")
+                self._signal(runner, KillReason.DEADLINE)
             used = rss.get(runner.pid, 0)
             if runner.memory_limit and used > runner.memory_limit and not runner.kill_sent:
                 with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
@@ -294,7 +319,7 @@ class LocalExecutor:
                         "runner over its memory limit; killing it",
                         extra={"rss_bytes": used, "memory_limit_bytes": runner.memory_limit},
                     )
-                runner.killed_for = "oom"
+                runner.killed_for = KillReason.OOM
                 self._kill(runner, signal.SIGKILL)
             grace = self._settings.LOCAL_TERMINATION_GRACE_SECONDS
             overdue = runner.term_sent is not None and now - runner.term_sent > grace
@@ -303,7 +328,7 @@ class LocalExecutor:
         if changed:
             self._wake()
 
-    def _signal(self, runner: _Runner, why: str) -> None:
+    def _signal(self, runner: _Runner, why: KillReason) -> None:
         """SIGTERM the runner itself, as Kubernetes does to a container's main process (it
         stops its children and cleans up); the monitor SIGKILLs the whole group after the
         grace period."""
@@ -312,7 +337,7 @@ class LocalExecutor:
         if runner.term_sent is None:
             runner.term_sent = time.monotonic()
             with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
-                log.info("stopping runner process", extra={"pid": runner.pid, "why": why})
+                log.info("stopping runner process", extra={"pid": runner.pid, "why": why.value})
             self._kill(runner, signal.SIGTERM)
 
     def _kill(self, runner: _Runner, sig: signal.Signals) -> None:
@@ -356,17 +381,17 @@ class LocalExecutor:
             Phase.FAILED, runner_name=runner.name, since=runner.started_at,
             finished_at=_utcnow(), message=message, exit_code=code,
         )  # fmt: skip
-        if runner.killed_for == "oom":
+        if runner.killed_for is KillReason.OOM:
             return replace(
                 failed, exit_code=137, reason=REASON_OOM,
                 memory_limit=format_bytes(runner.memory_limit),
             )  # fmt: skip
-        if runner.killed_for == "deadline":
+        if runner.killed_for is KillReason.DEADLINE:
             return replace(
                 failed, reason=REASON_DEADLINE,
                 deadline_seconds=self._settings.JOB_DEADLINE_SECONDS,
             )  # fmt: skip
-        if runner.killed_for == "orphan" or code is None:
+        if runner.killed_for is KillReason.ORPHAN or code is None:
             said = f" (runner said: {message})" if message else ""
             what = (
                 f"while runner {runner.name} (pid {runner.pid}) was running; it was stopped"
@@ -406,12 +431,12 @@ class LocalExecutor:
             pid, start = self._orphan_pid(directory)
             runner = _Runner(
                 key, local_runner_name(self._settings, key), pid, directory, None,
-                time.monotonic(), _utcnow(), 0, start, killed_for="orphan",
+                time.monotonic(), _utcnow(), 0, start, killed_for=KillReason.ORPHAN,
             )  # fmt: skip
             with log_context(job_id=key.job_id, attempt=key.attempt):
                 if pid and procfs.is_same_process(pid, start):
                     log.warning("stopping a previous controller's runner", extra={"pid": pid})
-                    self._signal(runner, "orphan")
+                    self._signal(runner, KillReason.ORPHAN)
                 else:
                     log.warning("a previous controller's runner ended", extra={"pid": pid})
             self._runners[key] = runner

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+from dharma_common.contract import JobStatus
 
 
 class Metrics:
@@ -78,8 +78,8 @@ class Metrics:
             registry=r,
         )
         self.passes = Counter("dharma_reconcile_passes_total", "Reconcile passes.", registry=r)
-        for status in STATUSES:
-            self.queue_jobs.labels(status=status).set(0)
+        for status in JobStatus:
+            self.queue_jobs.labels(status=status.value).set(0)
 
 
 class Health:

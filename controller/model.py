@@ -13,6 +13,8 @@ import enum
 import uuid
 from dataclasses import dataclass
 
+from dharma_common.contract import JobStatus
+
 
 @dataclass(frozen=True)
 class JobRow:
@@ -20,7 +22,7 @@ class JobRow:
 
     id: int
     media_id: uuid.UUID
-    status: str
+    status: JobStatus
     attempts: int
     max_attempts: int
     runner_name: str | None = None
@@ -62,6 +64,29 @@ class Phase(enum.Enum):
     FAILED = "failed"
     #: Removed by someone other than this controller before it finished.
     DELETED = "deleted"
+
+
+class KillReason(str, enum.Enum):
+    """Why an executor stopped a runner, which says what its exit means."""
+
+    #: Over its memory limit (local executor): reported as OOM-killed.
+    OOM = "oom"
+    #: Past JOB_DEADLINE_SECONDS (local executor): reported as timed out.
+    DEADLINE = "deadline"
+    #: The controller asked (`Executor.delete`): cancelled, stale, or stuck Pending.
+    DELETE = "delete"
+    #: The controller is shutting down (local executor: its children go with it).
+    SHUTDOWN = "shutdown"
+    #: A previous controller's runner found at start-up (local executor).
+    ORPHAN = "orphan"
+
+
+class StopReason(str, enum.Enum):
+    """Why the sweep stopped a runner whose row is no longer its attempt's (metrics label
+    `why` of dharma_runner_deletions_total; a stuck runner's failure reason is the other)."""
+
+    CANCELLED = "cancelled"
+    ROW_MOVED_ON = "row_moved_on"
 
 
 #: Container waiting reasons that mean the image cannot be pulled.

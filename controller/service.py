@@ -17,34 +17,31 @@ deterministic runner name makes that exactly-once), runners found without their 
 row are adopted, and finished runners are recorded. Only the leader (LEADER_ELECTION) acts;
 a standby keeps its watch cache warm. A lost database is survived by retrying passes with
 backoff; runners keep running meanwhile and are recorded once it is back.
+
+The loop is written against small interfaces (controller/executor.py): a `QueueStore`, an
+`Executor`, a `WakeSource` and a `Clock`, so one pass can be run against the fakes of
+controller/testing.py (tests/unit/test_service_pass.py). It never asks which executor it
+has: what differs between them (launch-error memory, the local executor's abandoned rows
+and its shutdown) is in the executors and reaches the loop as observations.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol
 
 from controller import faults
-from controller.executor import Executor, Launched
+from controller.executor import Clock, Executor, Launched, QueueStore, SystemClock, WakeSource
 from controller.jobspec import Instance, LaunchSpec
 from controller.listener import Listener
-from controller.metrics import STATUSES, Health, Metrics, ProbeServer
-from controller.model import (
-    REASON_CONTROLLER_RESTARTED,
-    REASON_FOREIGN,
-    REASON_INVALID,
-    JobRow,
-    Observation,
-    Phase,
-    RunnerKey,
-)
+from controller.metrics import Health, Metrics, ProbeServer
+from controller.model import JobRow, Observation, Phase, RunnerKey, StopReason
 from controller.reconcile import (
+    Action,
     Failure,
     Launch,
     Retry,
@@ -56,6 +53,7 @@ from controller.reconcile import (
 )
 from controller.settings import ControllerSettings
 from controller.store import DatabaseUnavailable, MissingInstallation, Store
+from dharma_common.contract import JobStatus
 from dharma_common.logs import log_context
 
 log = logging.getLogger("controller")
@@ -70,23 +68,19 @@ class Leadership(Protocol):
     def stop(self) -> None: ...
 
 
-@dataclass
-class _LaunchError:
-    first: dt.datetime
-    message: str
-    reason: str | None
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
 class Service:
+    """The loop. Without `store`, `listener` and `clock` it builds the production ones
+    (PostgreSQL `Store`, LISTEN `Listener`, the system clock); `jitter` spreads retries."""
+
     def __init__(
         self,
         settings: ControllerSettings,
         executor: Executor,
         *,
+        store: QueueStore | None = None,
+        listener: WakeSource | None = None,
+        clock: Clock | None = None,
+        jitter: Callable[[], float] = random.random,
         leader: Leadership | None = None,
         exit_when_idle: bool = False,
         metrics: Metrics | None = None,
@@ -98,12 +92,19 @@ class Service:
         self.identity = settings.identity()
         self.metrics = metrics or Metrics()
         self.health = Health(liveness_window=max(60.0, 3 * settings.POLL_INTERVAL_SECONDS))
-        self.store = Store(settings, f"dharma-controller {self.identity}")
+        self.store: QueueStore = (
+            Store(settings, f"dharma-controller {self.identity}") if store is None else store
+        )
+        self.clock: Clock = SystemClock() if clock is None else clock
+        self._jitter = jitter
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._launch_errors: dict[tuple[int, int], _LaunchError] = {}
         self._next_queue_metrics = 0.0
-        self._listener = Listener(settings, self.wake, f"dharma-controller-listen {self.identity}")
+        self._listener: WakeSource = (
+            Listener(settings, f"dharma-controller-listen {self.identity}")
+            if listener is None
+            else listener
+        )
         self._probes: ProbeServer | None = None
         # Every background thread the loop relies on fails the probes when it dies.
         self.health.add_check(lambda: next(iter(self.executor.problems()), None))
@@ -144,7 +145,7 @@ class Service:
                 self.executor.start(self.wake)
                 if self.leader is not None:
                     self.leader.start(self.wake)
-                self._listener.start()
+                self._listener.start(self.wake)
                 self._loop()
         finally:
             self._shutdown()
@@ -187,7 +188,7 @@ class Service:
                 timeout = 0.5
                 continue
             try:
-                idle, next_due = self._pass()
+                idle, next_due = self.run_pass()
             except DatabaseUnavailable as exc:
                 self.metrics.db_errors.inc()
                 self.health.not_ready = f"database unavailable: {exc}"
@@ -219,12 +220,12 @@ class Service:
         self._listener.stop()
         if self.leader is not None:
             self.leader.stop()
-        self.executor.shutdown()
-        if self.executor.finished_unclaimed():
-            # Local runners stopped on shutdown: record their outcomes (retries) now.
+        stopped = set(self.executor.shutdown())
+        if stopped:
+            # Runners the executor stopped (local: its children): record their outcomes now.
             try:
                 for row in self.store.inflight(self.executor.owner):
-                    if self.executor.observe(row.key).phase is not Phase.NONE:
+                    if row.key in stopped:
                         self._reconcile(row, launch=False)
             except DatabaseUnavailable as exc:
                 log.warning("outcomes not recorded at shutdown", extra={"error": str(exc)})
@@ -235,7 +236,7 @@ class Service:
 
     # ------------------------------------------------------------------ one pass ---
 
-    def _pass(self) -> tuple[bool, float | None]:
+    def run_pass(self) -> tuple[bool, float | None]:
         """Reconcile, sweep, claim. Returns (idle, seconds until the next retry is due)."""
         self.metrics.passes.inc()
         leading = self.leader is None or self.leader.is_leader()
@@ -246,8 +247,7 @@ class Service:
         rows = self.store.inflight(self.executor.owner)
         for row in rows:
             self._reconcile(row)
-        if self.executor.owner is not None:
-            self._rescue_abandoned()
+        self._rescue_abandoned()
         # Computed once per pass: on the Kubernetes executor this walks every cached Job and
         # its pods, the largest CPU cost of a pass at high throughput.
         alive = self.executor.alive()
@@ -269,13 +269,13 @@ class Service:
         return idle, next_due
 
     def _queue_metrics(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now < self._next_queue_metrics:
             return
         self._next_queue_metrics = now + self.settings.QUEUE_METRICS_INTERVAL_SECONDS
         depth = self.store.queue_depth()
-        for status in STATUSES:
-            self.metrics.queue_jobs.labels(status=status).set(depth.get(status, 0))
+        for status in JobStatus:
+            self.metrics.queue_jobs.labels(status=status.value).set(depth.get(status, 0))
         self.metrics.oldest_pending.set(self.store.oldest_pending_age())
 
     # ------------------------------------------------------------------ claiming ---
@@ -306,20 +306,12 @@ class Service:
                 self._launched(row, result)
 
     def _launched(self, row: JobRow, result: Launched) -> None:
-        token = (row.id, row.attempts)
+        """The executor remembers a failed launch (its `observe` reports it, so the pending
+        timeout and the invalid/foreign verdicts of reconcile.py apply); the loop counts it."""
         if result.runner_name is None:
             self.metrics.launches.labels(result="error").inc()
-            known = self._launch_errors.get(token)
-            first = known.first if known else _utcnow()
-            reason = (
-                REASON_INVALID if result.invalid else REASON_FOREIGN if result.foreign else None
-            )
-            self._launch_errors[token] = _LaunchError(
-                first, result.error or "unknown error", reason
-            )
             log.warning("runner not launched", extra={"error": result.error})
             return
-        self._launch_errors.pop(token, None)
         self.metrics.launches.labels(result="ok").inc()
         if self.store.set_runner_name(row.key, result.runner_name):
             log.info("runner launched", extra={"runner_name": result.runner_name})
@@ -327,7 +319,7 @@ class Service:
             log.info("row moved on before its runner was recorded; stopping the runner",
                      extra={"runner_name": result.runner_name})  # fmt: skip
             self.executor.delete(row.key)
-            self.metrics.deleted.labels(why="row_moved_on").inc()
+            self.metrics.deleted.labels(why=StopReason.ROW_MOVED_ON.value).inc()
 
     # ------------------------------------------------------------------ reconciling ---
 
@@ -335,17 +327,13 @@ class Service:
         with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
             key = row.key
             seen = self.executor.observe(key)
-            if seen.phase is Phase.NONE:
-                error = self._launch_errors.get((row.id, row.attempts))
-                if error is not None:
-                    seen = replace(seen, since=error.first, message=error.message,
-                                   reason=error.reason)  # fmt: skip
-            elif seen.runner_name and row.runner_name != seen.runner_name:
+            name = seen.runner_name if seen.phase is not Phase.NONE else None
+            if name and row.runner_name != name:
                 # Created, then the controller died before recording the name: adopt it.
-                if self.store.set_runner_name(key, seen.runner_name):
-                    log.info("adopted runner", extra={"runner_name": seen.runner_name})
-                row = replace(row, runner_name=seen.runner_name)
-            now = _utcnow()
+                if self.store.set_runner_name(key, name):
+                    log.info("adopted runner", extra={"runner_name": name})
+                row = replace(row, runner_name=name)
+            now = self.clock.now()
             action = decide(row, seen, now, self.settings)
             if isinstance(action, Verify):
                 seen = self.executor.verify_gone(key, row.runner_name or "")
@@ -356,15 +344,19 @@ class Service:
                 if launch:
                     log.info("launching the runner of a claimed attempt")
                     self._launch([row])
-            elif isinstance(action, Succeed):
-                self._record_success(row)
-            elif isinstance(action, Failure):
-                self._record_failure(row, action)
+            else:
+                self._record(row, action)
+
+    def _record(self, row: JobRow, action: Action) -> None:
+        if isinstance(action, Succeed):
+            self._record_success(row)
+        elif isinstance(action, Failure):
+            self._record_failure(row, action)
 
     def _duration(self, row: JobRow) -> float:
         if row.processing_started_at is None:
             return 0.0
-        return max(0.0, (_utcnow() - row.processing_started_at).total_seconds())
+        return max(0.0, (self.clock.now() - row.processing_started_at).total_seconds())
 
     def _record_success(self, row: JobRow) -> None:
         faults.crash_if(faults.CRASH_BEFORE_RECORD)
@@ -375,20 +367,19 @@ class Service:
         else:
             log.info("row moved on; success not recorded")
         self.executor.forget(row.key)
-        self._launch_errors.pop((row.id, row.attempts), None)
 
     def _record_failure(self, row: JobRow, failure: Failure) -> None:
         faults.crash_if(faults.CRASH_BEFORE_RECORD)
-        plan = plan_failure(row, failure, self.settings, random.random())
+        plan = plan_failure(row, failure, self.settings, self._jitter())
         reason = plan.reason.value
         if isinstance(plan, Retry):
             recorded = self.store.record_retry(
-                row.key, reason, plan.message, plan.delay_seconds, plan.memory_limit
+                row.key, plan.reason, plan.message, plan.delay_seconds, plan.memory_limit
             )
             if recorded:
                 self.metrics.retries.labels(reason=reason).inc()
         else:
-            recorded = self.store.record_failure(row.key, reason, plan.message)
+            recorded = self.store.record_failure(row.key, plan.reason, plan.message)
         if recorded:
             self.metrics.outcomes.labels(outcome=reason).inc()
             self.metrics.duration.labels(outcome=reason).observe(self._duration(row))
@@ -404,27 +395,19 @@ class Service:
             self.metrics.deleted.labels(why=reason).inc()
         else:
             self.executor.forget(row.key)
-        self._launch_errors.pop((row.id, row.attempts), None)
 
     def _rescue_abandoned(self) -> None:
-        """Local executor: fail rows another (vanished) local controller claimed so long ago
-        that its deadline has certainly killed their runner."""
-        slack = self.settings.LOCAL_TERMINATION_GRACE_SECONDS + 60
+        """Rows another controller claimed so long ago that its runner is certainly gone,
+        which this executor cannot see (`Executor.abandoned_after`; local executors only):
+        recorded with the outcome the executor reports for them."""
+        older_than = self.executor.abandoned_after
+        if older_than is None:
+            return
         owner = self.executor.owner or self.identity
-        for row in self.store.abandoned(owner, self.settings.JOB_DEADLINE_SECONDS + slack):
-            seen = Observation(
-                Phase.FAILED,
-                runner_name=row.runner_name,
-                reason=REASON_CONTROLLER_RESTARTED,
-                message=f"abandoned: claimed by controller {row.claimed_by!r}, which did not "
-                f"finish it within JOB_DEADLINE_SECONDS ({self.settings.JOB_DEADLINE_SECONDS} s)",
-            )
+        for row in self.store.abandoned(owner, older_than):
+            seen: Observation = self.executor.observe_abandoned(row)
             with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
-                action = decide(row, seen, _utcnow(), self.settings)
-                if isinstance(action, Succeed):
-                    self._record_success(row)
-                elif isinstance(action, Failure):
-                    self._record_failure(row, action)
+                self._record(row, decide(row, seen, self.clock.now(), self.settings))
 
     def _sweep(self, owned: set[object], runners: list[RunnerKey]) -> None:
         """Stop runners whose row is no longer theirs (cancelled, retried, gone); release the
@@ -435,16 +418,20 @@ class Service:
             return
         rows = self.store.owners(sorted({k.job_id for k in alive + finished}))
         for key in alive:
-            status, attempts = rows.get(key.job_id, ("deleted", 0))
-            if status == "processing" and attempts == key.attempt:
+            owner = rows.get(key.job_id)
+            if owner == (JobStatus.PROCESSING, key.attempt):
                 continue  # claimed after this pass read its rows
-            why = "cancelled" if status == "cancelled" else "row_moved_on"
+            status = owner[0] if owner else None
+            why = StopReason.CANCELLED if status is JobStatus.CANCELLED else StopReason.ROW_MOVED_ON
             with log_context(job_id=key.job_id, attempt=key.attempt):
-                log.info("stopping runner: its row is no longer this attempt's",
-                         extra={"row_status": status, "row_attempts": attempts})  # fmt: skip
+                log.info(
+                    "stopping runner: its row is no longer this attempt's",
+                    extra={"row_status": status.value if status else None,
+                           "row_attempts": owner[1] if owner else None,
+                           "row_deleted": owner is None},
+                )  # fmt: skip
                 self.executor.delete(key)
-            self.metrics.deleted.labels(why=why).inc()
+            self.metrics.deleted.labels(why=why.value).inc()
         for key in finished:
-            status, attempts = rows.get(key.job_id, ("deleted", 0))
-            if not (status == "processing" and attempts == key.attempt):
+            if rows.get(key.job_id) != (JobStatus.PROCESSING, key.attempt):
                 self.executor.forget(key)

@@ -1,7 +1,7 @@
 """The controller's configuration, read from the environment and validated at start-up.
 
 This is the contract shared with the Helm chart (deploy/helm/dharma-stream renders these
-variables into the controller's ConfigMap) and the README's configuration table.
+variables into the controller's ConfigMap) and the configuration tables of docs/operations.md.
 """
 
 from __future__ import annotations

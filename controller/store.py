@@ -19,6 +19,8 @@ import psycopg2.errors
 import psycopg2.extras
 
 from controller.model import JobRow, RunnerKey
+from controller.reconcile import FailureReason
+from dharma_common.contract import JobStatus
 from dharma_common.errors import first_line
 from dharma_common.settings import DatabaseSettings
 from dharma_common.sqlfile import load_queries
@@ -45,7 +47,7 @@ def _row(values: Sequence[Any]) -> JobRow:
     return JobRow(
         id=job_id,
         media_id=media_id if isinstance(media_id, uuid.UUID) else uuid.UUID(str(media_id)),
-        status=status,
+        status=JobStatus(status),
         attempts=attempts,
         max_attempts=max_attempts,
         runner_name=runner_name,
@@ -58,7 +60,8 @@ def _row(values: Sequence[Any]) -> JobRow:
 
 
 class Store:
-    """One connection, reopened on demand; not thread-safe (the service loop owns it)."""
+    """The `QueueStore` of controller/executor.py on PostgreSQL. One connection, reopened on
+    demand; not thread-safe (the service loop owns it)."""
 
     def __init__(self, settings: DatabaseSettings, application_name: str) -> None:
         self._settings = settings
@@ -128,18 +131,20 @@ class Store:
             cur.execute(Q["abandoned"], {"owner": owner, "older_than": older_than_seconds})
             return [_row(r) for r in cur.fetchall()]
 
-    def owners(self, job_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
+    def owners(self, job_ids: Sequence[int]) -> dict[int, tuple[JobStatus, int]]:
         """job id -> (status, attempts) for the rows that still exist."""
         if not job_ids:
             return {}
         with self._tx() as cur:
             cur.execute(Q["ownership"], {"ids": list(job_ids)})
-            return {job_id: (status, attempts) for job_id, status, attempts in cur.fetchall()}
+            return {
+                job_id: (JobStatus(status), attempts) for job_id, status, attempts in cur.fetchall()
+            }
 
-    def queue_depth(self) -> dict[str, int]:
+    def queue_depth(self) -> dict[JobStatus, int]:
         with self._tx() as cur:
             cur.execute(Q["queue_depth"])
-            return {status: count for status, count in cur.fetchall()}
+            return {JobStatus(status): count for status, count in cur.fetchall()}
 
     def oldest_pending_age(self) -> float:
         with self._tx() as cur:
@@ -166,13 +171,18 @@ class Store:
     def record_success(self, key: RunnerKey) -> bool:
         return self._fenced("record_success", key)
 
-    def record_failure(self, key: RunnerKey, reason: str, message: str) -> bool:
-        return self._fenced("record_failure", key, reason=reason, message=message)
+    def record_failure(self, key: RunnerKey, reason: FailureReason, message: str) -> bool:
+        return self._fenced("record_failure", key, reason=reason.value, message=message)
 
     def record_retry(
-        self, key: RunnerKey, reason: str, message: str, delay: float, memory_limit: str | None
+        self,
+        key: RunnerKey,
+        reason: FailureReason,
+        message: str,
+        delay: float,
+        memory_limit: str | None,
     ) -> bool:
         return self._fenced(
-            "record_retry", key, reason=reason, message=message, delay=delay,
+            "record_retry", key, reason=reason.value, message=message, delay=delay,
             memory_limit=memory_limit,
         )  # fmt: skip

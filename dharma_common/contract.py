@@ -29,6 +29,20 @@ class ExitCode(enum.IntEnum):
     FENCED = 12
 
 
+class JobStatus(str, enum.Enum):
+    """`dharma.stt_jobs.status` (the CHECK constraint of migration 0001 lists the same five).
+
+    A job is `pending` until a controller claims it, `processing` while one attempt owns it
+    (fenced on `attempts`), then `completed` or `failed` (or `cancelled` by an operator).
+    The controller, the runner, the metrics and the queries' parameters all use these."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class ErrorClass(str, enum.Enum):
     """How the controller treats a failed attempt."""
 

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dharma-jobrunner",
         description="Process one claimed Dharma Stream job attempt: download the source from "
         "WebDAV, encode MP4/M4A/HLS once, transcribe with whisper.cpp, upload, and record "
-        "subtitles. Configuration comes from the environment (see README).",
+        "subtitles. Configuration comes from the environment (see docs/operations.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="process one attempt and exit")

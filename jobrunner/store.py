@@ -17,6 +17,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
+from dharma_common.contract import JobStatus
 from dharma_common.settings import DatabaseSettings
 from dharma_common.sqlfile import load_queries
 from jobrunner.errors import FencedOut, PermanentError, TemporaryError
@@ -79,7 +80,7 @@ class RunnerStore:
         if row is None:
             raise PermanentError(f"job {self.job_id} does not exist in dharma.stt_jobs")
         status, attempts, language, media_id, category_id, created_at, source_path = row
-        if status != "processing" or attempts != self.attempt:
+        if status != JobStatus.PROCESSING or attempts != self.attempt:
             raise FencedOut(
                 f"job {self.job_id} is {status} at attempt {attempts}; attempt {self.attempt} "
                 "no longer owns it, so it changes nothing"

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 import psycopg2  # noqa: E402
 import requests  # noqa: E402
 
-from tests.media import JFK, MODELS, WEIGHTLESS_MODEL  # noqa: E402
-from tests.services import PostgresServer, WebDAVServer  # noqa: E402
+from devtools.media import JFK, MODELS, WEIGHTLESS_MODEL  # noqa: E402
+from devtools.services import PostgresServer, WebDAVServer  # noqa: E402
 
 STEPS: list[tuple[str, float]] = []
 

@@ -16,9 +16,9 @@ import psycopg2
 import pytest
 from pydantic import SecretStr
 
+from devtools.media import WEIGHTLESS_MODEL, make_media
+from devtools.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
 from dharma_common.settings import DatabaseSettings
-from tests.media import WEIGHTLESS_MODEL, make_media
-from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
 
 pytest_plugins = ["tests.controller_fixtures", "tests.testbed", "tests.images"]
 

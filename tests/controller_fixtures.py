@@ -16,8 +16,8 @@ from kubernetes import client
 
 from controller.jobspec import Instance, job_name
 from controller.settings import ControllerSettings
+from devtools.controller_helpers import ControllerProcess
 from dharma_common.settings import DatabaseSettings, load_settings
-from tests.controller_helpers import ControllerProcess
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), so its asserts are rewritten
     from tests.testbed import Kube

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.media import MODELS
+from devtools.media import MODELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT / "scripts" / "images"

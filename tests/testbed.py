@@ -43,13 +43,6 @@ from kubernetes.client.exceptions import ApiException
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTBED = REPO_ROOT / "scripts" / "testbed"
 
-# Pod annotations read by the KWOK Stages in testbed/stages/pod.yaml.
-FATE = "testbed.dharma/fate"
-DELAY = "testbed.dharma/delay"
-EXIT_CODE = "testbed.dharma/exit-code"
-MESSAGE = "testbed.dharma/message"
-TERMINATION_DELAY = "testbed.dharma/termination-delay"
-
 # Label on every namespace the fixtures create, so strays are easy to find.
 E2E_LABEL = "dharma-stream.test/e2e"
 

@@ -48,14 +48,14 @@ import pytest
 from kubernetes import client, config, watch
 
 from controller.jobspec import MANAGED_SELECTOR
+from devtools.controller_helpers import ControllerProcess
+from devtools.kwok import DELAY, EXIT_CODE, FATE, MESSAGE
+from devtools.media import MODELS, make_media
+from devtools.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
+from devtools.simulated_runner import SimulatedCommits
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 from tests.chaos.conftest import TABLES, ChaosRun
 from tests.controller_fixtures import KubeSetup
-from tests.controller_helpers import ControllerProcess
-from tests.media import MODELS, make_media
-from tests.services import Database, DatabaseFactory, PostgresServer, WebDAVServer
-from tests.simulated_runner import SimulatedCommits
-from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE
 
 pytestmark = [pytest.mark.chaos]  # timeout: set from --chaos-seconds in conftest.py
 Start = Callable[..., ControllerProcess]

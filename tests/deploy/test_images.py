@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.media import JFK, MODELS
 from tests.images import (
     CONTROLLER,
     IMAGES,
@@ -33,7 +34,6 @@ from tests.images import (
     TEST_MODEL_SHA256,
     Docker,
 )
-from tests.media import JFK, MODELS
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(3600)]
 

@@ -23,13 +23,13 @@ import pytest
 
 from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.settings import ControllerSettings
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.kwok import DELAY, EXIT_CODE, FATE, MESSAGE
+from devtools.services import Database, DatabaseFactory
+from devtools.simulated_runner import SimulatedCommits
 from dharma_common.contract import LABEL_INSTANCE
 from dharma_common.settings import load_settings
 from tests.controller_fixtures import KubeSetup, instance_of
-from tests.controller_helpers import ControllerProcess, eventually
-from tests.services import Database, DatabaseFactory
-from tests.simulated_runner import SimulatedCommits
-from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 Start = Callable[..., ControllerProcess]

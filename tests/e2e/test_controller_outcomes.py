@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.kwok import DELAY, EXIT_CODE, FATE, MESSAGE
+from devtools.services import Database
+from devtools.simulated_runner import SimulatedCommits
 from tests.conftest import Queue
 from tests.controller_fixtures import KubeSetup
-from tests.controller_helpers import ControllerProcess, eventually
-from tests.services import Database
-from tests.simulated_runner import SimulatedCommits
-from tests.testbed import DELAY, EXIT_CODE, FATE, MESSAGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 Start = Callable[..., ControllerProcess]

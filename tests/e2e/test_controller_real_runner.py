@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.kwok import FATE
 from tests.conftest import Queue
 from tests.controller_fixtures import KubeSetup
-from tests.controller_helpers import ControllerProcess, eventually
 from tests.e2e.test_controller_outcomes import fate, finished
-from tests.testbed import FATE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

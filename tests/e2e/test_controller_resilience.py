@@ -14,9 +14,11 @@ from kubernetes import client
 from controller.informer import Gone, Informer
 from controller.jobspec import MANAGED_SELECTOR
 from controller.kubestate import trim_job
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.kwok import DELAY, FATE
+from devtools.services import PostgresServer
 from tests.conftest import Queue
 from tests.controller_fixtures import KubeSetup
-from tests.controller_helpers import ControllerProcess, eventually
 from tests.e2e.test_controller_outcomes import (  # noqa: F401 - runner_commits: a fixture
     add_job,
     fate,
@@ -24,11 +26,9 @@ from tests.e2e.test_controller_outcomes import (  # noqa: F401 - runner_commits:
     row,
     runner_commits,
 )
-from tests.services import PostgresServer
-from tests.testbed import DELAY, FATE
 
 #: Every test here ends in success, which needs the runner's commit: KWOK's simulated
-#: container cannot make it, so `runner_commits` (tests/simulated_runner.py) plays it.
+#: container cannot make it, so `runner_commits` (devtools/simulated_runner.py) plays it.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150), pytest.mark.usefixtures("runner_commits")]
 Start = Callable[..., ControllerProcess]
 

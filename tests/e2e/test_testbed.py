@@ -28,11 +28,8 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from devtools.kwok import DELAY, EXIT_CODE, FATE, MESSAGE
 from tests.testbed import (
-    DELAY,
-    EXIT_CODE,
-    FATE,
-    MESSAGE,
     REPO_ROOT,
     Kube,
     fake_node_placement,

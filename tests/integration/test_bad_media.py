@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 
+from devtools.media import HOSTILE_PLAYLISTS, MODELS, make_hostile_playlist, make_media
+from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
 from tests.conftest import Job, Queue
 from tests.integration.runner import RunResult, run_jobrunner
-from tests.media import HOSTILE_PLAYLISTS, MODELS, make_hostile_playlist, make_media
-from tests.services import WebDAVServer
 
 pytestmark = pytest.mark.integration
 

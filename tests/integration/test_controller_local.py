@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.controller_helpers import ControllerProcess, eventually, process_alive
+from devtools.services import free_port
 from tests.conftest import Queue
-from tests.controller_helpers import ControllerProcess, eventually, process_alive
-from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

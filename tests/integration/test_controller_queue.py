@@ -14,9 +14,9 @@ from controller.model import RunnerKey
 from controller.reconcile import Failure, FailureReason, GiveUp, Retry, plan_failure
 from controller.settings import ControllerSettings
 from controller.store import Store
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.services import Database
 from tests.conftest import Queue
-from tests.controller_helpers import ControllerProcess, eventually
-from tests.services import Database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -156,7 +156,7 @@ def test_one_run_per_media_the_oldest_first_others_not_held_up(db: Database, que
     assert store.next_due() is None  # the held row is not "due": the loop must not spin
     (later,) = enqueue(queue, 1)  # a new media arriving meanwhile is not held up
     assert [r.id for r in store.claim("a", batch=10, max_in_flight=10)] == [later]
-    assert store.record_failure(RunnerKey(first, 1), "runner_error_permanent", "bad media")
+    assert store.record_failure(RunnerKey(first, 1), FailureReason.RUNNER_PERMANENT, "bad media")
     assert [r.id for r in store.claim("a", batch=10, max_in_flight=10)] == [second]
     assert queue.rows(
         "SELECT id, status FROM dharma.stt_jobs WHERE media_id = %s ORDER BY id", talk
@@ -212,10 +212,12 @@ def test_status_writes_are_fenced(db: Database, queue: Queue) -> None:
     queue.row("UPDATE dharma.stt_jobs SET status = 'pending' WHERE id = %s RETURNING id", job_id)
     store.claim("a", 1, 10)  # attempt 2
     assert not store.record_success(RunnerKey(job_id, 1))
-    assert not store.record_failure(RunnerKey(job_id, 1), "oom_killed", "x")
+    assert not store.record_failure(RunnerKey(job_id, 1), FailureReason.OOM_KILLED, "x")
     queue.row("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s RETURNING id", job_id)
     assert not store.record_success(RunnerKey(job_id, 2))
-    assert not store.record_retry(RunnerKey(job_id, 2), "r", "m", 1.0, None)
+    assert not store.record_retry(
+        RunnerKey(job_id, 2), FailureReason.RUNNER_TEMPORARY, "m", 1.0, None
+    )
     assert queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "cancelled"
     store.close()
 
@@ -234,9 +236,9 @@ def test_a_requeued_failed_row_gets_a_fresh_budget_and_stays_fenced(
         assert claimed.attempts == attempt
         plan = plan_failure(claimed, failure, SETTINGS, jitter=0.0)
         if isinstance(plan, Retry):
-            assert store.record_retry(claimed.key, plan.reason.value, plan.message, 0.0, None)
+            assert store.record_retry(claimed.key, plan.reason, plan.message, 0.0, None)
         else:
-            assert store.record_failure(claimed.key, plan.reason.value, plan.message)
+            assert store.record_failure(claimed.key, plan.reason, plan.message)
     assert queue.row("SELECT status FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "failed"
 
     queue.row("UPDATE dharma.stt_jobs SET status = 'pending' WHERE id = %s RETURNING id", job_id)
@@ -253,12 +255,12 @@ def test_a_requeued_failed_row_gets_a_fresh_budget_and_stays_fenced(
         for stale in (1, 2):
             assert not store.set_runner_name(RunnerKey(job_id, stale), "stale")
             assert not store.record_success(RunnerKey(job_id, stale))
-            assert not store.record_failure(RunnerKey(job_id, stale), "r", "m")
-            assert not store.record_retry(RunnerKey(job_id, stale), "r", "m", 0.0, None)
+            assert not store.record_failure(RunnerKey(job_id, stale), failure.reason, "m")
+            assert not store.record_retry(RunnerKey(job_id, stale), failure.reason, "m", 0.0, None)
         if isinstance(plan, Retry):
-            assert store.record_retry(claimed.key, plan.reason.value, plan.message, 0.0, None)
+            assert store.record_retry(claimed.key, plan.reason, plan.message, 0.0, None)
         else:
-            assert store.record_failure(claimed.key, plan.reason.value, plan.message)
+            assert store.record_failure(claimed.key, plan.reason, plan.message)
     assert queue.row("SELECT status, attempts FROM dharma.stt_jobs WHERE id = %s", job_id) == (
         "failed",
         4,

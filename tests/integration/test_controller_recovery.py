@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+from devtools.controller_helpers import ControllerProcess, eventually, process_alive
+from devtools.services import PostgresServer
 from tests.conftest import Queue
-from tests.controller_helpers import ControllerProcess, eventually, process_alive
-from tests.services import PostgresServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 Start = Callable[..., ControllerProcess]

@@ -15,12 +15,14 @@ import pytest
 
 from controller.migrate import available_migrations
 from controller.model import RunnerKey
+from controller.reconcile import FailureReason
 from controller.settings import ControllerSettings
 from controller.store import DatabaseUnavailable, MissingInstallation, Store
+from devtools.services import Database
 from dharma_common.settings import load_settings
-from tests.services import Database
 
 pytestmark = pytest.mark.timeout(60)
+TEMPORARY = FailureReason.RUNNER_TEMPORARY
 
 
 def claimed(db: Database, committed: bool) -> RunnerKey:
@@ -64,8 +66,8 @@ def test_a_failure_never_overwrites_a_committed_result(db: Database, store: Stor
     """The pass read the row before the runner committed and exited 0: its "exited 0 but did
     not commit" failure must not land on the committed row."""
     key = claimed(db, committed=True)
-    assert not store.record_retry(key, "runner_error_temporary", "not committed", 1.0, None)
-    assert not store.record_failure(key, "runner_error_temporary", "not committed")
+    assert not store.record_retry(key, TEMPORARY, "not committed", 1.0, None)
+    assert not store.record_failure(key, TEMPORARY, "not committed")
     assert status(db, key) == "processing"
     assert store.record_success(key)
     assert status(db, key) == "completed"

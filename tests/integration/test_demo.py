@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.media import WEIGHTLESS_MODEL
+from devtools.media import WEIGHTLESS_MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from devtools.media import MODELS
+from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
 from tests.conftest import Job, Queue
 from tests.integration.runner import RunResult, run_jobrunner, start_jobrunner
-from tests.media import MODELS
-from tests.services import WebDAVServer
 
 pytestmark = pytest.mark.integration
 
@@ -393,7 +393,7 @@ def test_sigterm_stops_cleanly_and_removes_scratch(
     queue: Queue, runner_env: dict[str, str], scratch: Path, tmp_path: Path, delay: float
 ) -> None:
     """SIGTERM in any phase is temporary (never blamed on the media) and cleans up."""
-    from tests.media import make_long_talk
+    from devtools.media import make_long_talk
 
     source = make_long_talk(tmp_path, 40, "640x360", "vp9")
     job = queue.job(source)
@@ -454,7 +454,7 @@ def test_stop_during_upload_ends_within_seconds_without_draining_the_queue(
     within seconds: no further uploads start (the pool used to drain its whole queue after
     a cancellation), the two in flight are abandoned rather than waited for (the process
     used to wait for them at exit), and the playlist is never uploaded."""
-    from tests.media import make_long_talk
+    from devtools.media import make_long_talk
 
     job = queue.job(make_long_talk(tmp_path, 40, "320x240", "vp9"))
     runner_env.update(HLS_SHARD_SECONDS="1", UPLOAD_CONCURRENCY="2")

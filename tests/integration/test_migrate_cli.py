@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.services import PostgresServer
+from devtools.services import PostgresServer
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
 from tests.conftest import Queue
 from tests.integration.runner import run_jobrunner
-from tests.services import WebDAVServer
 
 pytestmark = pytest.mark.integration
 

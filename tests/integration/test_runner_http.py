@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from devtools.media import make_media
 from dharma_common.contract import ExitCode
 from tests.conftest import Queue
 from tests.integration.runner import run_jobrunner
-from tests.media import make_media
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.media import JFK, MODELS
 from jobrunner.subtitles import Segment, clean_segments
 from jobrunner.transcribe import SILENCE_DBFS, WhisperCpp, pcm_levels
 from jobrunner.windows import Cuts, plan_windows
-from tests.media import JFK, MODELS
 
 pytestmark = pytest.mark.integration
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from devtools.media import make_media
+from devtools.services import Database, WebDAVServer
 from dharma_common.contract import ExitCode
 from jobrunner.store import RunnerStore
 from jobrunner.subtitles import Segment
 from tests.conftest import Job, Queue
 from tests.integration.runner import run_jobrunner, start_jobrunner
-from tests.media import make_media
-from tests.services import Database, WebDAVServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -16,11 +16,11 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
+from devtools.services import Database
 from jobrunner.store import RunnerStore
 from jobrunner.subtitles import Segment
 from tests.conftest import Queue, RunnerLogin
 from tests.integration.runner import run_jobrunner
-from tests.services import Database
 
 pytestmark = pytest.mark.integration
 

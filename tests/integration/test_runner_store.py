@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from devtools.services import Database
 from jobrunner.store import RunnerStore
-from tests.services import Database
 
 
 @pytest.mark.parametrize(

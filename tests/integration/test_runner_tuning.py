@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from devtools.media import make_long_talk
+from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
 from tests.conftest import Queue
 from tests.integration.runner import run_jobrunner, start_jobrunner
-from tests.media import make_long_talk
-from tests.services import WebDAVServer
 
 pytestmark = pytest.mark.integration
 

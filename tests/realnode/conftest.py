@@ -27,11 +27,11 @@ from kubernetes import client
 
 from controller.jobspec import job_name
 from controller.settings import ControllerSettings
+from devtools.services import Database, WebDAVServer
 from dharma_common.settings import load_settings
 from tests.conftest import Queue
 from tests.controller_fixtures import instance_of, kube_controller_env, prepare_runner_namespace
 from tests.images import CONTROLLER, IMAGES, RUNNER, Docker
-from tests.services import Database, WebDAVServer
 from tests.testbed import Kube, RealNode
 
 
@@ -142,7 +142,7 @@ def real_setup(
 
 @pytest.fixture
 def talk(queue: Queue) -> Callable[..., tuple[int, uuid.UUID]]:
-    """Enqueue a generated talk (`tests/media.py` kind): returns (job id, media id)."""
+    """Enqueue a generated talk (`devtools/media.py` kind): returns (job id, media id)."""
 
     def add(kind: str = "audio_aac_m4a", **media: Any) -> tuple[int, uuid.UUID]:
         media_id = queue.add_media(kind, **media)

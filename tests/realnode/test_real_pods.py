@@ -25,13 +25,13 @@ import pytest
 import yaml
 from kubernetes import watch
 
+from devtools.controller_helpers import ControllerProcess, eventually
+from devtools.media import make_spoken_talk
+from devtools.services import Database, WebDAVServer
 from tests.conftest import Queue, RunnerLogin
-from tests.controller_helpers import ControllerProcess, eventually
 from tests.deploy.chart import CHART, helm
 from tests.e2e.test_controller_outcomes import finished, row
-from tests.media import make_spoken_talk
 from tests.realnode.conftest import RealSetup, terminated
-from tests.services import Database, WebDAVServer
 
 pytestmark = [pytest.mark.realnode, pytest.mark.e2e, pytest.mark.timeout(420)]
 Start = Callable[..., ControllerProcess]

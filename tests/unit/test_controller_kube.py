@@ -158,3 +158,23 @@ def test_watches_select_only_this_installation() -> None:
             informer._relist()
     assert calls == [INSTANCE.selector, INSTANCE.selector]
     assert "dharma.stream/instance=prod-11111111" in INSTANCE.selector
+
+
+def test_a_failed_launch_is_observed_until_it_succeeds_or_is_forgotten() -> None:
+    """Launch-error memory lives in the executor (issue 11): `observe` reports a failed
+    launch as Phase.NONE with the first failure's time, the error and its verdict."""
+    kube = executor(existing(**{"dharma.stream/attempt": "3"}))
+    kube.launch([SPEC])
+    first = kube.observe(KEY)
+    assert (first.phase, first.reason) == (Phase.NONE, "Foreign")
+    assert first.since is not None and "already exists" in (first.message or "")
+    kube.launch([SPEC])
+    assert kube.observe(KEY).since == first.since  # the pending timeout counts from the first
+    kube.forget(KEY)
+    assert kube.observe(KEY) == NOT_FOUND
+    kube.launch([SPEC])
+    kube._batch = FakeBatch(existing())  # the conflicting Job is gone; ours is found
+    (result,) = kube.launch([SPEC])
+    assert result.runner_name == NAME
+    assert kube._launch_errors.get(KEY) is None
+    assert kube.abandoned_after is None and kube.shutdown() == []

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from jobrunner.subtitles import Segment
-from jobrunner.transcribe import SILENCE_DBFS, pcm_levels, read_samples, window_levels
+from jobrunner.transcribe import (
+    SILENCE_DBFS,
+    WindowBuffers,
+    pcm_levels,
+    read_samples,
+    window_levels,
+)
 from jobrunner.windows import Cuts, Window, plan_windows, to_talk_time
 
 S = -90.0  # silent frame
@@ -135,3 +141,17 @@ def test_levels_are_read_a_block_at_a_time_and_match_the_whole(tmp_path: Path) -
     empty = tmp_path / "empty.pcm"
     empty.write_bytes(b"")
     assert pcm_levels(empty).size == 0
+
+
+def test_window_buffers_are_reused_and_read_what_read_samples_reads(tmp_path: Path) -> None:
+    samples = np.random.default_rng(3).integers(-32768, 32767, 5000, dtype=np.int64)
+    pcm = tmp_path / "audio.pcm"
+    samples.astype("<i2").tofile(pcm)
+    buffers = WindowBuffers(2000)
+    first = buffers.read(pcm, 0, 2000)
+    np.testing.assert_array_equal(first, read_samples(pcm, 0, 2000))
+    second = buffers.read(pcm, 4000, 6000)  # past the end: the 1000 samples there are
+    assert second.size == 1000 and np.shares_memory(first, second)
+    np.testing.assert_array_equal(second, read_samples(pcm, 4000, 5000))
+    with pytest.raises(ValueError, match="does not fit"):
+        buffers.read(pcm, 0, 3000)  # never cut short in silence

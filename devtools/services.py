@@ -1,4 +1,4 @@
-"""Real services for tests: a PostgreSQL server and a WsgiDAV server, started by the suite.
+"""Real services for the tests, benchmarks and demo: a PostgreSQL server and a WsgiDAV server.
 
 Nothing here is mocked. PostgreSQL is Debian's server binary run on a private data directory
 and port (as the `postgres` user when the suite runs as root, since PostgreSQL refuses root);

@@ -1,5 +1,5 @@
-"""Shared helpers for the controller's integration and end-to-end tests: run the real
-`dharma-controller run` as a subprocess, poll rows, and read its JSON logs."""
+"""Shared helpers for the controller's integration and end-to-end tests and the benchmarks:
+run the real `dharma-controller run` as a subprocess, poll rows, and read its JSON logs."""
 
 from __future__ import annotations
 

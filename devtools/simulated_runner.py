@@ -47,9 +47,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from controller.jobspec import MANAGED_SELECTOR
+from devtools.kwok import FATE
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 from dharma_common.sqlfile import load_queries
-from tests.testbed import FATE
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
