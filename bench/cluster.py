@@ -25,6 +25,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from controller.jobspec import MANAGED_SELECTOR
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.errors import first_line
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED = REPO / "scripts" / "testbed"
@@ -188,7 +189,7 @@ class ObjectWatch:
                 if self._stop.is_set():
                     return
                 if not failures:  # one line per outage (other sessions restart the API server)
-                    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+                    first = first_line(exc, 160)
                     print(f"  bench watch: {type(exc).__name__}: {first}; relisting",
                           file=sys.stderr)  # fmt: skip
                 failures += 1

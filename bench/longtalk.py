@@ -17,7 +17,6 @@ Usage: python -m bench.longtalk [--lengths 900,3600,10800] [--model PATH] [--nai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 import psycopg2
 
 from bench.runs import claimed_attempt, runner_command
+from devtools.log_actions import lines_with_action
 from devtools.media import MODELS, make_spoken_talk
 from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
@@ -63,11 +63,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[Run, str]:
 
 
 def _succeeded(stderr: str) -> dict[str, object]:
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "attempt succeeded":
-                return dict(event)
+    for event in lines_with_action(stderr, "run_succeeded"):
+        return dict(event)
     raise SystemExit("the runner did not log its success:\n" + stderr[-3000:])
 
 

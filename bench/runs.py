@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from dharma_common import contract
+
 
 def claimed_attempt(conn: Any, source_path: str) -> int:
     """Insert a media row for `source_path` and its job, claimed as attempt 1: the job id."""
@@ -28,4 +30,4 @@ def claimed_attempt(conn: Any, source_path: str) -> int:
 
 def runner_command(job_id: int) -> list[str]:
     """`python -m jobrunner run` for attempt 1 of `job_id`, with this interpreter."""
-    return [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job_id), "--attempt", "1"]
+    return contract.runner_command(job_id, 1, python=sys.executable)

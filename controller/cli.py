@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             db = load_settings(DatabaseSettings)
             applied = migrate(db)
         except ConfigError as exc:
-            log.error("configuration error: %s", exc)
+            log.error("configuration error: %s", exc, extra={"action": "config_error"})
             print(f"dharma-controller: configuration error: {exc}", file=sys.stderr)
             return 2
         except psycopg2.Error as exc:

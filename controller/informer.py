@@ -134,15 +134,22 @@ class Informer:
                 while not self._stop.is_set():
                     version = self._watch(version)
             except Gone:
-                log.info("watch expired (410 Gone); relisting", extra={"resource": self.resource})
+                log.info(
+                    "watch expired (410 Gone); relisting",
+                    extra={"action": "watch_expired", "resource": self.resource},
+                )
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     return
                 log.warning(
                     "watch connection lost; relisting",
-                    extra={"resource": self.resource, "error": first_line(exc),
-                           "retry_in_seconds": backoff},
-                )  # fmt: skip
+                    extra={
+                        "action": "watch_lost",
+                        "resource": self.resource,
+                        "error": first_line(exc),
+                        "retry_in_seconds": backoff,
+                    },
+                )
                 self._stop.wait(backoff)
                 backoff = min(10.0, backoff * 2)
 
@@ -229,7 +236,10 @@ class Informer:
             self._response = None
             response.release_conn()
         self._expire_tombstones()
-        log.debug("watch ended; resuming", extra={"resource": self.resource, "version": version})
+        log.debug(
+            "watch ended; resuming",
+            extra={"action": "watch_resumed", "resource": self.resource, "version": version},
+        )
         return version
 
     def _add_to_index(self, name: str, obj: Obj) -> None:

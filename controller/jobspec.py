@@ -52,6 +52,7 @@ from dharma_common.contract import (
     LABEL_MEDIA_ID,
     MANAGED_BY,
     RUNNER_COMPONENT,
+    runner_command,
 )
 
 CONTAINER_NAME = "runner"
@@ -135,10 +136,6 @@ def runner_labels(job: LaunchSpec, instance: Instance) -> dict[str, str]:
         LABEL_ATTEMPT: str(job.attempt),
         LABEL_MEDIA_ID: job.media_id,
     }
-
-
-def runner_command(job_id: int, attempt: int) -> list[str]:
-    return ["dharma-jobrunner", "run", "--job-id", str(job_id), "--attempt", str(attempt)]
 
 
 def _resources(settings: ControllerSettings, memory_limit: str | None) -> dict[str, Any]:
@@ -235,9 +232,8 @@ def _pod_spec(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
         spec["tolerations"] = [dict(t) for t in settings.RUNNER_TOLERATIONS]
     if settings.RUNNER_AFFINITY:
         spec["affinity"] = dict(settings.RUNNER_AFFINITY)
-    secrets = [name.strip() for name in settings.RUNNER_IMAGE_PULL_SECRETS.split(",")]
-    if any(secrets):
-        spec["imagePullSecrets"] = [{"name": name} for name in secrets if name]
+    if settings.RUNNER_IMAGE_PULL_SECRETS:
+        spec["imagePullSecrets"] = [{"name": name} for name in settings.RUNNER_IMAGE_PULL_SECRETS]
     return spec
 
 

@@ -139,9 +139,6 @@ class KubernetesExecutor:
     def _name(self, key: RunnerKey) -> str:
         return job_name(self._settings, self.instance, key.job_id, key.attempt)
 
-    def use_metrics(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
     def _relisted(self, resource: str) -> None:
         if self._metrics is not None:
             self._metrics.relists.labels(resource=resource).inc()
@@ -244,10 +241,16 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status == 404:
                 return Observation(Phase.DELETED, runner_name=runner_name, deleted_kind="Job")
-            log.warning("cannot confirm a Job", extra={"error": _status_reason(exc)})
+            log.warning(
+                "cannot confirm a Job",
+                extra={"action": "job_verify_failed", "error": _status_reason(exc)},
+            )
             return NOT_FOUND
         except Exception as exc:
-            log.warning("cannot confirm a Job", extra={"error": str(exc)[:300]})
+            log.warning(
+                "cannot confirm a Job",
+                extra={"action": "job_verify_failed", "error": first_line(exc)},
+            )
             return NOT_FOUND
         job = json.loads(response.data)
         if foreign_labels(job, key, self.instance.label):  # not this attempt's Job (any more)
@@ -298,13 +301,26 @@ class KubernetesExecutor:
                 name, self._settings.NAMESPACE, propagation_policy="Background",
                 _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
             )  # fmt: skip
-            log.info("deleted Job", extra={"runner_name": name})
+            log.info("deleted Job", extra={"action": "job_deleted", "runner_name": name})
         except ApiException as exc:
             if exc.status != 404:
-                log.warning("cannot delete Job", extra={"runner_name": name,
-                                                        "error": _status_reason(exc)})  # fmt: skip
+                log.warning(
+                    "cannot delete Job",
+                    extra={
+                        "action": "job_delete_failed",
+                        "runner_name": name,
+                        "error": _status_reason(exc),
+                    },
+                )
         except Exception as exc:
-            log.warning("cannot delete Job", extra={"runner_name": name, "error": str(exc)[:300]})
+            log.warning(
+                "cannot delete Job",
+                extra={
+                    "action": "job_delete_failed",
+                    "runner_name": name,
+                    "error": first_line(exc),
+                },
+            )
 
     def forget(self, key: RunnerKey) -> None:
         """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`; only the

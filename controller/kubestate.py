@@ -124,22 +124,21 @@ def _finished(
             Phase.FAILED, runner_name=base.runner_name, reason=REASON_EVICTED,
             message=(status.get("message") or "").strip() or None,
             exit_code=(terminated or {}).get("exitCode"), memory_limit=base.memory_limit,
-            image=base.image, finished_at=parse_time((terminated or {}).get("finishedAt")),
+            image=base.image,
         )  # fmt: skip
     if terminated:
         code = terminated.get("exitCode")
         reason = terminated.get("reason")
         message = (terminated.get("message") or "").strip() or None
-        finished = parse_time(terminated.get("finishedAt"))
         if deleted and code != 0 and reason != REASON_OOM:
             return Observation(
                 Phase.DELETED, runner_name=base.runner_name, deleted_kind="pod of Job",
-                message=message, exit_code=code, finished_at=finished,
+                message=message, exit_code=code,
             )  # fmt: skip
         return Observation(
             Phase.FAILED, runner_name=base.runner_name, exit_code=code, reason=reason,
             message=message, memory_limit=base.memory_limit,
-            deadline_seconds=base.deadline_seconds, image=base.image, finished_at=finished,
+            deadline_seconds=base.deadline_seconds, image=base.image,
         )  # fmt: skip
     if deleted:
         return Observation(Phase.DELETED, runner_name=base.runner_name, deleted_kind="pod of Job")

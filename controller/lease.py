@@ -77,15 +77,25 @@ class LeaseElector:
             try:
                 won = self._try()
             except Exception as exc:  # API unreachable: keep the lease only while valid
-                log.warning("lease renewal failed", extra={"error": first_line(exc)})
+                log.warning(
+                    "lease renewal failed",
+                    extra={"action": "lease_renewal_failed", "error": first_line(exc)},
+                )
                 won = False
             if won:
                 self._valid_until = started + self._duration * 2 / 3
             leading = self.is_leader()
             if leading != self._was_leader:
                 self._was_leader = leading
-                log.info("leadership changed", extra={"leader": leading, "lease": self._name,
-                                                      "identity": self._identity})  # fmt: skip
+                log.info(
+                    "leadership changed",
+                    extra={
+                        "action": "leadership_changed",
+                        "leader": leading,
+                        "lease": self._name,
+                        "identity": self._identity,
+                    },
+                )
                 self._wake()
             self._stop.wait(self._duration / 3)
 
@@ -136,7 +146,9 @@ class LeaseElector:
             self._observed, self._observed_at = record, now
         if holder and now - self._observed_at < self._duration:
             return False
-        log.info("taking over the lease", extra={"previous_holder": holder})
+        log.info(
+            "taking over the lease", extra={"action": "lease_taken_over", "previous_holder": holder}
+        )
         return self._replace(self._body(version, transitions + 1, ""))
 
     def _read(self) -> dict[str, Any]:
@@ -171,6 +183,9 @@ class LeaseElector:
             body["spec"]["holderIdentity"] = None
             body["spec"]["leaseDurationSeconds"] = 1
             self._replace(body)
-            log.info("lease released", extra={"lease": self._name})
+            log.info("lease released", extra={"action": "lease_released", "lease": self._name})
         except Exception as exc:
-            log.warning("lease not released", extra={"error": first_line(exc)})
+            log.warning(
+                "lease not released",
+                extra={"action": "lease_release_failed", "error": first_line(exc)},
+            )

@@ -44,8 +44,6 @@ class Listener:
         self._max_backoff = max_backoff
         self._stop = threading.Event()
         self._thread = WatchedThread(self._run, "listen")
-        self.connected = threading.Event()
-        self.notifications = 0
 
     def start(self, wake: Callable[[], None]) -> None:
         self._wake = wake
@@ -68,21 +66,24 @@ class Listener:
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {CHANNEL}")
-                self.connected.set()
-                log.info("listening for notifications", extra={"channel": CHANNEL})
+                log.info(
+                    "listening for notifications", extra={"action": "listening", "channel": CHANNEL}
+                )
                 backoff = 0.2
                 self._wake()  # anything sent while we were away is lost: look now
                 self._listen(conn)
             except psycopg2.Error as exc:
-                self.connected.clear()
                 log.warning(
                     "LISTEN connection lost; reconnecting",
-                    extra={"error": first_line(exc), "retry_in_seconds": round(backoff, 2)},
+                    extra={
+                        "action": "listen_lost",
+                        "error": first_line(exc),
+                        "retry_in_seconds": round(backoff, 2),
+                    },
                 )
                 self._stop.wait(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
             finally:
-                self.connected.clear()
                 if conn is not None:
                     with contextlib.suppress(psycopg2.Error):
                         conn.close()
@@ -96,6 +97,5 @@ class Listener:
                 continue
             conn.poll()
             if conn.notifies:
-                self.notifications += len(conn.notifies)
                 conn.notifies.clear()
                 self._wake()

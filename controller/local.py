@@ -10,7 +10,7 @@ semantics as a Kubernetes Job, enforced here:
   it is removed once the outcome is recorded;
 - deadline (JOB_DEADLINE_SECONDS): SIGTERM to the group, SIGKILL after
   LOCAL_TERMINATION_GRACE_SECONDS, reported as "timed out after N s";
-- memory (LOCAL_MEMORY_LIMIT_BYTES, or the row's raised `memory_limit` after an OOM): the
+- memory (RUNNER_MEMORY_LIMIT, 0 for none, or the row's raised `memory_limit` after an OOM): the
   resident memory of the whole session is sampled every 0.25 s and the group is SIGKILLed
   when it exceeds the limit, reported as "OOM-killed (memory limit X)". Sampling can miss a
   spike shorter than the interval; the kernel's own OOM killer stays the backstop.
@@ -46,8 +46,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from controller import faults, procfs
+from controller import procfs
 from controller.executor import Launched, LaunchErrors
+from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.model import (
     REASON_CONTROLLER_RESTARTED,
@@ -62,6 +63,7 @@ from controller.model import (
 from controller.quantity import format_bytes, parse_bytes
 from controller.settings import ControllerSettings
 from controller.threads import WatchedThread
+from dharma_common.contract import runner_command
 from dharma_common.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,9 @@ class LocalExecutor:
 
     kind = "local"
 
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(self, settings: ControllerSettings, faults: FaultHooks | None = None) -> None:
         self._settings = settings
+        self._faults = faults
         self.owner: str | None = settings.identity()
         # Another local controller's runner is killed by its deadline, then its grace; a
         # minute more and it is certainly gone.
@@ -184,9 +187,7 @@ class LocalExecutor:
     # ------------------------------------------------------------------ launching ---
 
     def _memory_limit(self, spec: LaunchSpec) -> int:
-        if spec.memory_limit:
-            return parse_bytes(spec.memory_limit)
-        return self._settings.LOCAL_MEMORY_LIMIT_BYTES
+        return parse_bytes(spec.memory_limit or self._settings.RUNNER_MEMORY_LIMIT)
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
         results = [self._launch_one(spec) for spec in specs]
@@ -206,8 +207,7 @@ class LocalExecutor:
         env = runner_environment(self._settings, os.environ)
         env["SCRATCH_DIR"] = str(directory / "scratch")
         env["TERMINATION_MESSAGE_PATH"] = str(directory / "termination-log")
-        command = [sys.executable, "-m", "jobrunner", "run",
-                   "--job-id", str(spec.job_id), "--attempt", str(spec.attempt)]  # fmt: skip
+        command = runner_command(spec.job_id, spec.attempt, python=sys.executable)
         try:
             popen = subprocess.Popen(
                 command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
@@ -215,7 +215,8 @@ class LocalExecutor:
         except OSError as exc:
             shutil.rmtree(directory, ignore_errors=True)
             return Launched(key, None, error=f"cannot start {command[0]}: {exc}")
-        faults.crash_if(faults.CRASH_AFTER_SPAWN)
+        if self._faults:
+            self._faults.crash(Fault.CRASH_AFTER_SPAWN)
         stat = procfs.read_stat(popen.pid)
         start_time = stat.start_time if stat else 0
         _write_pid_file(directory, popen.pid, start_time)
@@ -228,7 +229,7 @@ class LocalExecutor:
         with log_context(job_id=spec.job_id, media_id=spec.media_id, attempt=spec.attempt):
             log.info(
                 "runner process started",
-                extra={"runner_name": name, "pid": popen.pid,
+                extra={"action": "runner_process_started", "runner_name": name, "pid": popen.pid,
                        "memory_limit_bytes": runner.memory_limit or None},
             )  # fmt: skip
         return Launched(key, name)
@@ -294,7 +295,7 @@ class LocalExecutor:
             try:
                 self._tick()
             except Exception:  # keep watching whatever one runner did
-                log.exception("local runner monitor failed")
+                log.exception("local runner monitor failed", extra={"action": "monitor_failed"})
 
     def _tick(self) -> None:
         with self._lock:
@@ -317,7 +318,11 @@ class LocalExecutor:
                 with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
                     log.warning(
                         "runner over its memory limit; killing it",
-                        extra={"rss_bytes": used, "memory_limit_bytes": runner.memory_limit},
+                        extra={
+                            "action": "runner_over_memory",
+                            "rss_bytes": used,
+                            "memory_limit_bytes": runner.memory_limit,
+                        },
                     )
                 runner.killed_for = KillReason.OOM
                 self._kill(runner, signal.SIGKILL)
@@ -337,7 +342,14 @@ class LocalExecutor:
         if runner.term_sent is None:
             runner.term_sent = time.monotonic()
             with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
-                log.info("stopping runner process", extra={"pid": runner.pid, "why": why.value})
+                log.info(
+                    "stopping runner process",
+                    extra={
+                        "action": "runner_process_stopping",
+                        "pid": runner.pid,
+                        "why": why.value,
+                    },
+                )
             self._kill(runner, signal.SIGTERM)
 
     def _kill(self, runner: _Runner, sig: signal.Signals) -> None:
@@ -368,9 +380,14 @@ class LocalExecutor:
         with log_context(job_id=runner.key.job_id, attempt=runner.key.attempt):
             log.info(
                 "runner process exited",
-                extra={"pid": runner.pid, "exit_code": code, "phase": runner.outcome.phase.value,
-                       "reason": runner.outcome.reason},
-            )  # fmt: skip
+                extra={
+                    "action": "runner_process_exited",
+                    "pid": runner.pid,
+                    "exit_code": code,
+                    "phase": runner.outcome.phase.value,
+                    "reason": runner.outcome.reason,
+                },
+            )
         return True
 
     def _outcome(self, runner: _Runner, code: int | None) -> Observation:
@@ -379,7 +396,7 @@ class LocalExecutor:
             message = runner.termination_file.read_text(encoding="utf-8").strip() or None
         failed = Observation(
             Phase.FAILED, runner_name=runner.name, since=runner.started_at,
-            finished_at=_utcnow(), message=message, exit_code=code,
+            message=message, exit_code=code,
         )  # fmt: skip
         if runner.killed_for is KillReason.OOM:
             return replace(
@@ -435,10 +452,16 @@ class LocalExecutor:
             )  # fmt: skip
             with log_context(job_id=key.job_id, attempt=key.attempt):
                 if pid and procfs.is_same_process(pid, start):
-                    log.warning("stopping a previous controller's runner", extra={"pid": pid})
+                    log.warning(
+                        "stopping a previous controller's runner",
+                        extra={"action": "orphan_stopping", "pid": pid},
+                    )
                     self._signal(runner, KillReason.ORPHAN)
                 else:
-                    log.warning("a previous controller's runner ended", extra={"pid": pid})
+                    log.warning(
+                        "a previous controller's runner ended",
+                        extra={"action": "orphan_ended", "pid": pid},
+                    )
             self._runners[key] = runner
 
     def _orphan_pid(self, directory: Path) -> tuple[int, int]:

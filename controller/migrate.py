@@ -73,7 +73,11 @@ def migrate(db: DatabaseSettings) -> list[Migration]:
                 applied.append(migration)
                 log.info(
                     "migration applied",
-                    extra={"version": migration.version, "migration": migration.name},
+                    extra={
+                        "action": "migration_applied",
+                        "version": migration.version,
+                        "migration": migration.name,
+                    },
                 )
     finally:
         conn.close()

@@ -136,7 +136,6 @@ class Observation:
     deadline_seconds: int | None = None
     #: What was deleted, for DELETED ("Job", "pod", "process").
     deleted_kind: str | None = None
-    finished_at: dt.datetime | None = None
 
 
 NOT_FOUND = Observation(Phase.NONE)

@@ -15,6 +15,7 @@ import sys
 from types import FrameType
 
 from controller.executor import Executor
+from controller.faults import FaultHooks
 from controller.metrics import Metrics
 from controller.service import Leadership, Service
 from controller.settings import ControllerSettings
@@ -25,7 +26,7 @@ log = logging.getLogger("controller")
 
 
 def _fail(message: str) -> int:
-    log.error("configuration error: %s", message)
+    log.error("configuration error: %s", message, extra={"action": "config_error"})
     print(f"dharma-controller: configuration error: {message}", file=sys.stderr)
     return 2
 
@@ -63,6 +64,7 @@ def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
     limit_malloc_arenas()  # before the executor starts its threads
     leader: Leadership | None = None
     metrics = Metrics()
+    faults = FaultHooks.from_environment()  # None in production
     executor: Executor
     if settings.EXECUTOR == "local":
         if settings.LEADER_ELECTION:
@@ -72,7 +74,7 @@ def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
             )
         from controller.local import LocalExecutor
 
-        executor = LocalExecutor(settings)
+        executor = LocalExecutor(settings, faults)
     else:
         from controller.kube import KubernetesExecutor, load_api_client
 
@@ -86,11 +88,19 @@ def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
 
             leader = LeaseElector(settings, api)
     service = Service(
-        settings, executor, leader=leader, exit_when_idle=exit_when_idle, metrics=metrics
+        settings,
+        executor,
+        leader=leader,
+        exit_when_idle=exit_when_idle,
+        metrics=metrics,
+        faults=faults,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        log.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
+        log.info(
+            "signal received; stopping",
+            extra={"action": "signal_received", "signal": signal.Signals(signum).name},
+        )
         service.request_stop()
 
     signal.signal(signal.SIGTERM, stop)

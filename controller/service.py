@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from controller import faults
 from controller.executor import Clock, Executor, Launched, QueueStore, SystemClock, WakeSource
+from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.listener import Listener
 from controller.metrics import Health, Metrics, ProbeServer
@@ -70,7 +70,8 @@ class Leadership(Protocol):
 
 class Service:
     """The loop. Without `store`, `listener` and `clock` it builds the production ones
-    (PostgreSQL `Store`, LISTEN `Listener`, the system clock); `jitter` spreads retries."""
+    (PostgreSQL `Store`, LISTEN `Listener`, the system clock); `jitter` spreads retries;
+    `faults` are the test-only crash points of controller/faults.py (None in production)."""
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class Service:
         leader: Leadership | None = None,
         exit_when_idle: bool = False,
         metrics: Metrics | None = None,
+        faults: FaultHooks | None = None,
     ) -> None:
         self.settings = settings
         self.executor = executor
@@ -97,6 +99,7 @@ class Service:
         )
         self.clock: Clock = SystemClock() if clock is None else clock
         self._jitter = jitter
+        self._faults = faults
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._next_queue_metrics = 0.0
@@ -128,18 +131,19 @@ class Service:
 
     def run(self) -> int:
         """Serve until stopped (or idle, with exit_when_idle). Returns the exit status."""
-        for name in faults.enabled():
-            log.warning("TEST FAULT INJECTION ENABLED: never set this in production",
-                        extra={"fault": name})  # fmt: skip
         if self.settings.METRICS_PORT:
             self._probes = ProbeServer(self.settings.METRICS_PORT, self.metrics, self.health)
             self._probes.start()
         log.info(
             "controller starting",
-            extra={"executor": self.executor.kind, "identity": self.identity,
-                   "database": self.settings.describe(),
-                   "max_concurrent_jobs": self.settings.MAX_CONCURRENT_JOBS},
-        )  # fmt: skip
+            extra={
+                "action": "controller_starting",
+                "executor": self.executor.kind,
+                "identity": self.identity,
+                "database": self.settings.describe(),
+                "max_concurrent_jobs": self.settings.MAX_CONCURRENT_JOBS,
+            },
+        )
         try:
             if self._bind_instance():
                 self.executor.start(self.wake)
@@ -163,14 +167,23 @@ class Service:
                 installation = self.store.installation_id()
             except (DatabaseUnavailable, MissingInstallation) as exc:
                 self.health.not_ready = str(exc)
-                log.warning("installation id not readable; retrying",
-                            extra={"error": str(exc), "retry_in_seconds": backoff})  # fmt: skip
+                log.warning(
+                    "installation id not readable; retrying",
+                    extra={
+                        "action": "installation_unreadable",
+                        "error": str(exc),
+                        "retry_in_seconds": backoff,
+                    },
+                )
                 self._stopping.wait(backoff)
                 backoff = min(30.0, backoff * 2)
                 continue
             instance = Instance(self.settings.INSTANCE_NAME, installation)
             self.executor.bind(instance)
-            log.info("serving installation", extra={"instance": instance.label})
+            log.info(
+                "serving installation",
+                extra={"action": "installation_bound", "instance": instance.label},
+            )
             return True
         return False
 
@@ -192,8 +205,14 @@ class Service:
             except DatabaseUnavailable as exc:
                 self.metrics.db_errors.inc()
                 self.health.not_ready = f"database unavailable: {exc}"
-                log.warning("database unavailable; retrying",
-                            extra={"error": str(exc), "retry_in_seconds": backoff})  # fmt: skip
+                log.warning(
+                    "database unavailable; retrying",
+                    extra={
+                        "action": "database_unavailable",
+                        "error": str(exc),
+                        "retry_in_seconds": backoff,
+                    },
+                )
                 self._stopping.wait(backoff)
                 backoff = min(30.0, backoff * 2)
                 timeout = 0.0
@@ -201,7 +220,7 @@ class Service:
             except Exception:
                 # A bug or an unexpected API answer must not kill the service: say so, back
                 # off, and try again with fresh state (everything is re-read each pass).
-                log.exception("reconcile pass failed; retrying")
+                log.exception("reconcile pass failed; retrying", extra={"action": "pass_failed"})
                 self._stopping.wait(backoff)
                 backoff = min(30.0, backoff * 2)
                 timeout = 0.0
@@ -209,14 +228,17 @@ class Service:
             backoff = 0.5
             self.health.not_ready = None
             if idle:
-                log.info("queue drained and nothing in flight; exiting (--exit-when-idle)")
+                log.info(
+                    "queue drained and nothing in flight; exiting (--exit-when-idle)",
+                    extra={"action": "queue_drained"},
+                )
                 return
             timeout = self.settings.POLL_INTERVAL_SECONDS
             if next_due is not None:
                 timeout = max(0.05, min(timeout, next_due + 0.05))
 
     def _shutdown(self) -> None:
-        log.info("controller stopping")
+        log.info("controller stopping", extra={"action": "controller_stopping"})
         self._listener.stop()
         if self.leader is not None:
             self.leader.stop()
@@ -228,11 +250,14 @@ class Service:
                     if row.key in stopped:
                         self._reconcile(row, launch=False)
             except DatabaseUnavailable as exc:
-                log.warning("outcomes not recorded at shutdown", extra={"error": str(exc)})
+                log.warning(
+                    "outcomes not recorded at shutdown",
+                    extra={"action": "shutdown_outcomes_not_recorded", "error": str(exc)},
+                )
         self.store.close()
         if self._probes is not None:
             self._probes.stop()
-        log.info("controller stopped")
+        log.info("controller stopped", extra={"action": "controller_stopped"})
 
     # ------------------------------------------------------------------ one pass ---
 
@@ -292,8 +317,11 @@ class Service:
             self.metrics.claims.inc(len(rows))
             for row in rows:
                 with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
-                    log.info("claimed", extra={"memory_limit": row.memory_limit})
-            faults.crash_if(faults.CRASH_AFTER_CLAIM)
+                    log.info(
+                        "claimed", extra={"action": "job_claimed", "memory_limit": row.memory_limit}
+                    )
+            if self._faults:
+                self._faults.crash(Fault.CRASH_AFTER_CLAIM)
             self._launch(rows)
             if len(rows) < self.settings.CLAIM_BATCH_SIZE:
                 return
@@ -310,14 +338,21 @@ class Service:
         timeout and the invalid/foreign verdicts of reconcile.py apply); the loop counts it."""
         if result.runner_name is None:
             self.metrics.launches.labels(result="error").inc()
-            log.warning("runner not launched", extra={"error": result.error})
+            log.warning(
+                "runner not launched", extra={"action": "launch_failed", "error": result.error}
+            )
             return
         self.metrics.launches.labels(result="ok").inc()
         if self.store.set_runner_name(row.key, result.runner_name):
-            log.info("runner launched", extra={"runner_name": result.runner_name})
+            log.info(
+                "runner launched",
+                extra={"action": "runner_launched", "runner_name": result.runner_name},
+            )
         else:
-            log.info("row moved on before its runner was recorded; stopping the runner",
-                     extra={"runner_name": result.runner_name})  # fmt: skip
+            log.info(
+                "row moved on before its runner was recorded; stopping the runner",
+                extra={"action": "launched_row_moved_on", "runner_name": result.runner_name},
+            )
             self.executor.delete(row.key)
             self.metrics.deleted.labels(why=StopReason.ROW_MOVED_ON.value).inc()
 
@@ -331,7 +366,9 @@ class Service:
             if name and row.runner_name != name:
                 # Created, then the controller died before recording the name: adopt it.
                 if self.store.set_runner_name(key, name):
-                    log.info("adopted runner", extra={"runner_name": name})
+                    log.info(
+                        "adopted runner", extra={"action": "runner_adopted", "runner_name": name}
+                    )
                 row = replace(row, runner_name=name)
             now = self.clock.now()
             action = decide(row, seen, now, self.settings)
@@ -342,7 +379,10 @@ class Service:
                     action = Wait("runner not visible yet")
             if isinstance(action, Launch):
                 if launch:
-                    log.info("launching the runner of a claimed attempt")
+                    log.info(
+                        "launching the runner of a claimed attempt",
+                        extra={"action": "launch_resumed"},
+                    )
                     self._launch([row])
             else:
                 self._record(row, action)
@@ -359,17 +399,22 @@ class Service:
         return max(0.0, (self.clock.now() - row.processing_started_at).total_seconds())
 
     def _record_success(self, row: JobRow) -> None:
-        faults.crash_if(faults.CRASH_BEFORE_RECORD)
+        if self._faults:
+            self._faults.crash(Fault.CRASH_BEFORE_RECORD)
         if self.store.record_success(row.key):
             self.metrics.outcomes.labels(outcome="success").inc()
             self.metrics.duration.labels(outcome="success").observe(self._duration(row))
-            log.info("attempt succeeded", extra={"runner_name": row.runner_name})
+            log.info(
+                "attempt succeeded",
+                extra={"action": "attempt_succeeded", "runner_name": row.runner_name},
+            )
         else:
-            log.info("row moved on; success not recorded")
+            log.info("row moved on; success not recorded", extra={"action": "success_not_recorded"})
         self.executor.forget(row.key)
 
     def _record_failure(self, row: JobRow, failure: Failure) -> None:
-        faults.crash_if(faults.CRASH_BEFORE_RECORD)
+        if self._faults:
+            self._faults.crash(Fault.CRASH_BEFORE_RECORD)
         plan = plan_failure(row, failure, self.settings, self._jitter())
         reason = plan.reason.value
         if isinstance(plan, Retry):
@@ -385,11 +430,14 @@ class Service:
             self.metrics.duration.labels(outcome=reason).observe(self._duration(row))
             log.warning(
                 "attempt failed",
-                extra={"failure_reason": reason, "error": plan.message,
+                extra={"action": "attempt_failed", "failure_reason": reason, "error": plan.message,
                        "retry": isinstance(plan, Retry), "runner_name": row.runner_name},
             )  # fmt: skip
         else:
-            log.info("row moved on; failure not recorded", extra={"failure_reason": reason})
+            log.info(
+                "row moved on; failure not recorded",
+                extra={"action": "failure_not_recorded", "failure_reason": reason},
+            )
         if failure.delete_runner:
             self.executor.delete(row.key)
             self.metrics.deleted.labels(why=reason).inc()
@@ -426,7 +474,7 @@ class Service:
             with log_context(job_id=key.job_id, attempt=key.attempt):
                 log.info(
                     "stopping runner: its row is no longer this attempt's",
-                    extra={"row_status": status.value if status else None,
+                    extra={"action": "runner_swept", "row_status": status.value if status else None,
                            "row_attempts": owner[1] if owner else None,
                            "row_deleted": owner is None},
                 )  # fmt: skip

@@ -7,9 +7,11 @@ variables into the controller's ConfigMap) and the configuration tables of docs/
 from __future__ import annotations
 
 import json
+import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
@@ -25,6 +27,17 @@ _MEMORY_ORDER = {
     "RUNNER_MEMORY_LIMIT": "RUNNER_MEMORY_REQUEST",
     "RUNNER_MEMORY_LIMIT_MAX": "RUNNER_MEMORY_LIMIT",
 }
+#: List and map settings are JSON (one format for every structured value); an example of each
+#: for the error message.
+_JSON_EXAMPLES = {
+    "RUNNER_IMAGE_PULL_SECRETS": '["registry-credentials"]',
+    "RUNNER_NODE_SELECTOR": '{"workload": "media"}',
+    "RUNNER_TOLERATIONS": '[{"key": "media", "operator": "Exists"}]',
+    "RUNNER_AFFINITY": '{"nodeAffinity": {...}}',
+    "RUNNER_POD_LABELS": '{"team": "media"}',
+    "RUNNER_POD_ANNOTATIONS": '{"example.org/owner": "media"}',
+}
+_JSON_LISTS = {"RUNNER_IMAGE_PULL_SECRETS", "RUNNER_TOLERATIONS"}
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -37,6 +50,11 @@ def _default_namespace() -> str:
 
 class ControllerSettings(DatabaseSettings):
     """Everything `dharma-controller run` reads from the environment."""
+
+    REMOVED: ClassVar[Mapping[str, str]] = {
+        "LOCAL_MEMORY_LIMIT_BYTES": "the local executor limits each runner with"
+        " RUNNER_MEMORY_LIMIT, a quantity such as 512Mi (0: no limit)",
+    }
 
     EXECUTOR: str = Field(default="kubernetes", pattern=r"^(kubernetes|local)$")
     #: Global cap on attempts in flight (processing rows), across all replicas.
@@ -85,7 +103,8 @@ class ControllerSettings(DatabaseSettings):
     RUNNER_IMAGE_PULL_POLICY: str = Field(
         default="IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$"
     )
-    RUNNER_IMAGE_PULL_SECRETS: str = ""  # comma-separated Secret names
+    #: Secret names, a JSON list like every list or map setting (see the JSON values below).
+    RUNNER_IMAGE_PULL_SECRETS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNNER_SERVICE_ACCOUNT: str = ""
     RUNNER_CPU_REQUEST: str = Field(default="1", pattern=_QUANTITY)
     RUNNER_CPU_LIMIT: str = Field(default="2", pattern=_QUANTITY)
@@ -126,8 +145,6 @@ class ControllerSettings(DatabaseSettings):
     # --- Local executor ------------------------------------------------------------------
     #: Per-attempt scratch directories live below this (removed after each attempt).
     LOCAL_SCRATCH_DIR: Path = Path("/tmp/dharma-stream")  # noqa: S108
-    #: Memory limit of one local runner process (bytes; 0 = none), enforced by the executor.
-    LOCAL_MEMORY_LIMIT_BYTES: int = Field(default=0, ge=0)
     #: SIGTERM -> SIGKILL grace for a local runner's process group (deadline, cancellation,
     #: shutdown); the runner uses it to clean up its scratch directory.
     LOCAL_TERMINATION_GRACE_SECONDS: float = Field(default=10.0, ge=0)
@@ -168,28 +185,39 @@ class ControllerSettings(DatabaseSettings):
     def _memory(cls, value: str, info: ValidationInfo) -> str:
         """Parse with the same function every launch uses: a quantity the pattern admits but
         parse_bytes rejects ("500m" is 0.5 bytes) would otherwise fail each attempt's launch
-        until the pending timeout. Also request <= limit <= max for the Kubernetes executor
-        (fields are validated in declaration order: the smaller one is in `info.data`)."""
+        until the pending timeout. Also request <= limit <= max; the local executor has no
+        request, only the limit (0: none) and its OOM-retry cap (fields are validated in
+        declaration order: the smaller one is in `info.data`)."""
         size = parse_bytes(value)  # ValueError -> ConfigError naming the variable
         below = _MEMORY_ORDER.get(info.field_name or "")
-        # The local executor limits runners with LOCAL_MEMORY_LIMIT_BYTES: no Job request/limit.
-        kubernetes = info.data.get("EXECUTOR") == "kubernetes"
-        smaller = info.data.get(below) if below and kubernetes else None
+        if below == "RUNNER_MEMORY_REQUEST" and info.data.get("EXECUTOR") != "kubernetes":
+            below = None
+        smaller = info.data.get(below) if below else None
         if smaller is not None and parse_bytes(smaller) > size:
             raise ValueError(f"must not be below {below} ({smaller})")
         return value
 
     @field_validator(
-        "RUNNER_NODE_SELECTOR", "RUNNER_TOLERATIONS", "RUNNER_AFFINITY",
-        "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", mode="before",
+        "RUNNER_IMAGE_PULL_SECRETS", "RUNNER_NODE_SELECTOR", "RUNNER_TOLERATIONS",
+        "RUNNER_AFFINITY", "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", mode="before",
     )  # fmt: skip
     @classmethod
     def _json(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             if not value.strip():
-                return [] if info.field_name == "RUNNER_TOLERATIONS" else {}
+                return [] if info.field_name in _JSON_LISTS else {}
             try:
                 return json.loads(value)
             except ValueError as exc:
-                raise ValueError(f"must be JSON ({exc})") from None
+                raise ValueError(
+                    f"must be JSON ({exc}), e.g. {_JSON_EXAMPLES[info.field_name or '']}"
+                ) from None
+        return value
+
+    @field_validator("RUNNER_IMAGE_PULL_SECRETS")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not re.fullmatch(_OBJECT_NAME, name)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a Secret name")
         return value

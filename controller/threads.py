@@ -54,5 +54,8 @@ class WatchedThread:
             # BaseException too: whatever ends the thread must be reported, not only errors.
             kind, message = type(exc).__name__, first_line(exc)
             self._error = kind if message == kind else f"{kind}: {message}"
-            log.critical("background thread died", exc_info=True,
-                         extra={"thread_name": self.name, "error": self._error})  # fmt: skip
+            log.critical(
+                "background thread died",
+                exc_info=True,
+                extra={"action": "thread_died", "thread_name": self.name, "error": self._error},
+            )

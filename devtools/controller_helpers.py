@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from devtools.log_actions import check_action
+
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
@@ -53,10 +55,13 @@ class ControllerProcess:
                 lines.append(json.loads(line))
         return lines
 
-    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+    def events(self, action: str, **fields: Any) -> list[dict[str, Any]]:
+        """The log lines with this `action` (never the message's wording) and these fields;
+        an action no code logs fails at once rather than leaving a caller waiting."""
+        check_action(action)
         return [
             line for line in self.logs()
-            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+            if line.get("action") == action and all(line.get(k) == v for k, v in fields.items())
         ]  # fmt: skip
 
     def wait(self, timeout: float = 120) -> int:

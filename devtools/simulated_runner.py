@@ -49,6 +49,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from controller.jobspec import MANAGED_SELECTOR
 from devtools.kwok import FATE
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
+from dharma_common.errors import first_line
 from dharma_common.sqlfile import load_queries
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,7 @@ class SimulatedCommits:
 
     def _error(self, exc: BaseException) -> None:
         self.errors += 1
-        text = str(exc).strip()
-        self.last_error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        self.last_error = f"{type(exc).__name__}: {first_line(exc)}"
         log.debug("simulated runner: %s; retrying", self.last_error)
 
     # ------------------------------------------------------------------ pods ---

@@ -69,6 +69,27 @@ def one_line(message: str, limit: int = MAX_TERMINATION_MESSAGE_BYTES) -> str:
     return encoded[: limit - 3].decode("utf-8", errors="ignore") + "..."
 
 
+# The runner's command line, `dharma-jobrunner run --job-id N --attempt K`: built here for the
+# Kubernetes Job (the console script) and the local executor (`python -m jobrunner`, no install
+# needed), parsed by jobrunner/cli.py from the same names.
+RUNNER_PROGRAM = "dharma-jobrunner"
+RUNNER_MODULE = "jobrunner"
+RUN_COMMAND = "run"
+JOB_ID_OPTION = "--job-id"
+ATTEMPT_OPTION = "--attempt"
+
+
+def runner_arguments(job_id: int, attempt: int) -> list[str]:
+    """The runner's arguments for one attempt: `run --job-id N --attempt K`."""
+    return [RUN_COMMAND, JOB_ID_OPTION, str(job_id), ATTEMPT_OPTION, str(attempt)]
+
+
+def runner_command(job_id: int, attempt: int, python: str | None = None) -> list[str]:
+    """The whole command: the console script, or `python -m jobrunner` with `python`."""
+    program = [python, "-m", RUNNER_MODULE] if python else [RUNNER_PROGRAM]
+    return [*program, *runner_arguments(job_id, attempt)]
+
+
 def termination_message_path() -> Path:
     """The file the runner writes its one-line reason to (env TERMINATION_MESSAGE_PATH)."""
     return Path(os.environ.get("TERMINATION_MESSAGE_PATH") or DEFAULT_TERMINATION_MESSAGE_PATH)

@@ -2,6 +2,15 @@
 
 Context is held in a contextvar so every line logged while handling one attempt carries
 its identity without threading it through every call (kopf's per-object log context).
+
+Every line the project logs also carries a stable `action` (`job_claimed`, `runner_launched`,
+`attempt_succeeded`, ...: procrastinate's `action`), passed as `extra={"action": ...}`.
+The message (`event`) is for people and may be reworded; the action is for programs (tests,
+benches, log queries) and changes only deliberately. It is enforced by a test that reads the
+source (tests/unit/test_log_actions.py, devtools/log_actions.py), not by this formatter:
+libraries (urllib3, kubernetes) log without one, and a forgotten key must fail in CI, never
+cost a log line in production. Tests that wait for a line check the action exists first, so
+renaming one fails at once instead of timing out.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ def current_context() -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """Render a record as one JSON line: time, level, logger, event, context, extras."""
+    """Render a record as one JSON line: time, level, logger, action, event, context, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
@@ -49,8 +58,11 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
         }
+        action = record.__dict__.get("action")
+        if action is not None:
+            payload["action"] = action
+        payload["event"] = record.getMessage()
         payload.update(_context.get() or {})
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):

@@ -7,8 +7,10 @@ fix instead of failing later with a stack trace. Secrets are `SecretStr`: never 
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +26,10 @@ class EnvSettings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=True, extra="ignore", frozen=True, populate_by_name=False
     )
+    #: Variables that were removed and what to set instead. Unknown variables are ignored
+    #: (the environment holds much else), so a removed one that still meant something would
+    #: be dropped silently: `load_settings` refuses it, naming its replacement.
+    REMOVED: ClassVar[Mapping[str, str]] = {}
 
 
 S = TypeVar("S", bound=EnvSettings)
@@ -33,6 +39,13 @@ _USERINFO = re.compile(r"//[^/@\s]*@")
 
 def load_settings(cls: type[S], **overrides: Any) -> S:
     """Instantiate settings, turning validation errors into one readable `ConfigError`."""
+    removed = [
+        f"{name} was removed: {instead}"
+        for name, instead in cls.REMOVED.items()
+        if name in overrides or name in os.environ
+    ]
+    if removed:
+        raise ConfigError("; ".join(removed))
     try:
         return cls(**overrides)
     except ValidationError as exc:

@@ -13,7 +13,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from dharma_common.contract import ExitCode, one_line, termination_message_path
+from dharma_common.contract import (
+    ATTEMPT_OPTION,
+    JOB_ID_OPTION,
+    RUN_COMMAND,
+    RUNNER_PROGRAM,
+    ExitCode,
+    one_line,
+    termination_message_path,
+)
 from dharma_common.logs import configure_logging
 from dharma_common.settings import ConfigError, load_settings
 from jobrunner.errors import RunnerError
@@ -34,16 +42,18 @@ def _positive(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dharma-jobrunner",
+        prog=RUNNER_PROGRAM,
         description="Process one claimed Dharma Stream job attempt: download the source from "
         "WebDAV, encode MP4/M4A/HLS once, transcribe with whisper.cpp, upload, and record "
         "subtitles. Configuration comes from the environment (see docs/operations.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="process one attempt and exit")
-    run.add_argument("--job-id", type=_positive, required=True, help="dharma.stt_jobs.id")
+    run = sub.add_parser(RUN_COMMAND, help="process one attempt and exit")
     run.add_argument(
-        "--attempt", type=_positive, required=True,
+        JOB_ID_OPTION, dest="job_id", type=_positive, required=True, help="dharma.stt_jobs.id"
+    )
+    run.add_argument(
+        ATTEMPT_OPTION, dest="attempt", type=_positive, required=True,
         help="the attempt number the controller claimed (the row's `attempts`): the fencing token",
     )  # fmt: skip
     return parser
@@ -55,7 +65,14 @@ def _report(message: str) -> None:
     try:
         path.write_text(one_line(message) + "\n", encoding="utf-8")
     except OSError as exc:
-        log.warning("termination message not written", extra={"path": str(path), "error": str(exc)})
+        log.warning(
+            "termination message not written",
+            extra={
+                "action": "termination_message_not_written",
+                "path": str(path),
+                "error": str(exc),
+            },
+        )
 
 
 def describe_crash(exc: BaseException) -> tuple[str, list[str]]:
@@ -77,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         configure_logging()
         message = f"runner configuration error: {exc}"
-        log.error(message)
+        log.error(message, extra={"action": "config_error"})
         _report(message)
         return ExitCode.PERMANENT
     configure_logging(settings.LOG_LEVEL)
@@ -90,19 +107,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(
             "attempt failed",
             extra={
-                "job_id": args.job_id, "attempt": args.attempt,
-                "error_class": exc.exit_code.name.lower(), "error": str(exc),
+                "action": "run_failed",
+                "job_id": args.job_id,
+                "attempt": args.attempt,
+                "error_class": exc.exit_code.name.lower(),
+                "error": str(exc),
             },
-        )  # fmt: skip
+        )
         _report(str(exc))
         return exc.exit_code
     except Exception as exc:  # a bug: still say something useful, still clean up
         message, stack = describe_crash(exc)
         log.error(
             "attempt crashed",
-            extra={"job_id": args.job_id, "attempt": args.attempt, "error": message,
-                   "stack": stack},
-        )  # fmt: skip
+            extra={
+                "action": "run_crashed",
+                "job_id": args.job_id,
+                "attempt": args.attempt,
+                "error": message,
+                "stack": stack,
+            },
+        )
         _report(message)
         return ExitCode.TEMPORARY
     return ExitCode.OK

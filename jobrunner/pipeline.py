@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -53,19 +52,6 @@ _TRANSCRIBE_SHARE = 0.9
 
 class Interrupted(TemporaryError):
     """SIGTERM (deadline, node drain, cancellation): stop, clean up, let the controller decide."""
-
-
-@dataclass
-class Outcome:
-    """What an attempt produced (returned for tests and the benchmark)."""
-
-    segments: int
-    duration: float
-    copied_video: bool | None
-    copied_audio: bool | None
-    timings: dict[str, float]
-    #: The runner process's peak resident memory so far (bench/longtalk.py reads it).
-    peak_rss_bytes: int = 0
 
 
 def peak_rss_bytes() -> int:
@@ -141,7 +127,9 @@ class _Progress:
         try:
             owned = self._store.set_progress(value)
         except TemporaryError as exc:
-            log.warning("progress not written", extra={"error": str(exc)})
+            log.warning(
+                "progress not written", extra={"action": "progress_not_written", "error": str(exc)}
+            )
             return
         self._written = value
         if not owned:
@@ -173,7 +161,9 @@ def _wait_owned(main: FFmpegProcess, store: RunnerStore, interval: float) -> Non
         try:
             owned = store.still_owned()
         except TemporaryError as exc:
-            log.warning("fence not checked", extra={"error": str(exc)})
+            log.warning(
+                "fence not checked", extra={"action": "fence_not_checked", "error": str(exc)}
+            )
             continue
         if not owned:
             raise FencedOut("the job is no longer owned by this attempt (cancelled or retried)")
@@ -199,7 +189,9 @@ class _Fence:
         try:
             self.check_now()
         except TemporaryError as exc:
-            log.warning("fence not checked", extra={"error": str(exc)})
+            log.warning(
+                "fence not checked", extra={"action": "fence_not_checked", "error": str(exc)}
+            )
 
     def check_now(self) -> None:
         """Ask the database now, unthrottled: before a write that a stale attempt must never
@@ -294,7 +286,10 @@ def remove_stale(dav: WebDAVClient, ws: Workspace, layout: ArtifactLayout, fence
     for target in targets:
         dav.delete(target, before=fence.check_now)
     if names:
-        log.info("stale segments deleted", extra={"files": len(names)})
+        log.info(
+            "stale segments deleted",
+            extra={"action": "stale_segments_deleted", "files": len(names)},
+        )
     return len(targets)
 
 
@@ -303,7 +298,7 @@ def run_attempt(
     job_id: int,
     attempt: int,
     transcriber: Callable[[], Transcriber] | None = None,
-) -> Outcome:
+) -> None:
     """Process one claimed attempt; raises a `RunnerError` subclass on failure."""
     stop = _Stop()
     make_transcriber = transcriber or (
@@ -332,7 +327,7 @@ def run_attempt(
                     ws = Workspace(
                         scratch, source_extension(job.source_path), run_name(job_id, attempt)
                     )
-                    return _process(
+                    _process(
                         settings, store, stop, ws, layout, source, language,
                         make_transcriber,
                     )  # fmt: skip
@@ -351,7 +346,7 @@ def _process(
     source: list[str],
     language: str,
     make_transcriber: Callable[[], Transcriber],
-) -> Outcome:
+) -> None:
     timings: dict[str, float] = {}
     dav = WebDAVClient(
         settings.WEBDAV_BASE_URL,
@@ -361,14 +356,20 @@ def _process(
         retries=settings.HTTP_RETRIES,
         backoff=settings.HTTP_BACKOFF_SECONDS,
     )
-    log.info("attempt started", extra={"source": url_path(source), "language": language})
+    log.info(
+        "attempt started",
+        extra={"action": "run_started", "source": url_path(source), "language": language},
+    )
 
     done = _timed(timings, "download")
     size = dav.download(source, ws.source, settings.MAX_SOURCE_BYTES)
     done()
     if size == 0:
         raise BadMediaError(f"source {url_path(source)} is empty (0 bytes)")
-    log.info("source downloaded", extra={"bytes": size, "seconds": timings["download"]})
+    log.info(
+        "source downloaded",
+        extra={"action": "source_downloaded", "bytes": size, "seconds": timings["download"]},
+    )
 
     info = parse_probe(run_ffprobe(ws.source))
     check_usable(info, settings.MAX_DURATION_SECONDS)
@@ -387,6 +388,7 @@ def _process(
     log.info(
         "plan",
         extra={
+            "action": "plan",
             "video": info.video.codec if info.video else None,
             "audio": info.audio.codec if info.audio else None,
             "copy_video": plan.copy_video,
@@ -408,10 +410,13 @@ def _process(
         if not overlap:
             _wait_owned(main, store, settings.PROGRESS_INTERVAL_SECONDS)
             done()
-            log.info("source converted", extra={"seconds": timings["encode"]})
+            log.info(
+                "source converted",
+                extra={"action": "source_converted", "seconds": timings["encode"]},
+            )
         if plan.pcm is not None:
             model = make_transcriber()
-            log.info("transcription started")
+            log.info("transcription started", extra={"action": "transcription_started"})
             t_done = _timed(timings, "transcribe")
             with _Progress(store, stop, settings.PROGRESS_INTERVAL_SECONDS) as progress:
                 stop.in_native = True
@@ -427,7 +432,10 @@ def _process(
         if overlap:
             main.wait()
             done()
-            log.info("source converted", extra={"seconds": timings["encode"]})
+            log.info(
+                "source converted",
+                extra={"action": "source_converted", "seconds": timings["encode"]},
+            )
     except BaseException:
         main.kill()
         raise
@@ -446,17 +454,20 @@ def _process(
     fence = _Fence(store, stop, settings.PROGRESS_INTERVAL_SECONDS)
     uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY, fence)
     done()
-    log.info("artifacts uploaded", extra={"files": uploaded, "seconds": timings["upload"]})
+    log.info(
+        "artifacts uploaded",
+        extra={"action": "artifacts_uploaded", "files": uploaded, "seconds": timings["upload"]},
+    )
 
     store.commit_results(layout.media_id, cleaned, duration)
     peak = peak_rss_bytes()
     log.info(
         "attempt succeeded",
         extra={
+            "action": "run_succeeded",
             "subtitles": len(cleaned),
             "duration": duration,
             "timings": timings,
             "peak_rss_mib": round(peak / 2**20, 1),
         },
     )
-    return Outcome(len(cleaned), duration, plan.copy_video, plan.copy_audio, timings, peak)

@@ -18,6 +18,7 @@ import psycopg2
 import psycopg2.extras
 
 from dharma_common.contract import JobStatus
+from dharma_common.errors import first_line
 from dharma_common.settings import DatabaseSettings
 from dharma_common.sqlfile import load_queries
 from jobrunner.errors import FencedOut, PermanentError, TemporaryError
@@ -64,7 +65,7 @@ class RunnerStore:
             self._conn: Any = psycopg2.connect(**kwargs)
         except psycopg2.OperationalError as exc:
             raise TemporaryError(
-                f"cannot connect to PostgreSQL at {settings.describe()}: {_first_line(exc)}"
+                f"cannot connect to PostgreSQL at {settings.describe()}: {first_line(exc)}"
             ) from None
         self._conn.autocommit = True
         self._token = {"job_id": job_id, "attempt": attempt}
@@ -130,17 +131,12 @@ class RunnerStore:
             conn.autocommit = True
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextmanager
 def _db_errors() -> Iterator[None]:
     """Database outages are temporary; data errors are bad rows (permanent)."""
     try:
         yield
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        raise TemporaryError(f"database error: {_first_line(exc)}") from None
+        raise TemporaryError(f"database error: {first_line(exc)}") from None
     except (psycopg2.DataError, psycopg2.IntegrityError) as exc:
-        raise PermanentError(f"database rejected the data: {_first_line(exc)}") from None
+        raise PermanentError(f"database rejected the data: {first_line(exc)}") from None

@@ -137,7 +137,10 @@ class WhisperCpp:
             return []
         windows = plan_windows(levels.tolist(), SILENCE_DBFS, self.cuts)
         if not windows:
-            log.info("audio is silent throughout; not transcribed", extra={"dbfs": SILENCE_DBFS})
+            log.info(
+                "audio is silent throughout; not transcribed",
+                extra={"action": "audio_silent", "dbfs": SILENCE_DBFS},
+            )
             on_progress(1.0)
             return []
         total_ms = levels.size * FRAME_MS
@@ -145,6 +148,7 @@ class WhisperCpp:
         log.info(
             "whisper decoding",
             extra={
+                "action": "whisper_decoding",
                 "threads": params.n_threads,
                 "strategy": str(params.strategy).rsplit(".", 1)[-1],
                 "beam_size": params.beam_search["beam_size"] if self.beam_size else 0,
@@ -165,7 +169,10 @@ class WhisperCpp:
         del buffers
         kept = drop_silent(segments, levels, SILENCE_DBFS)
         if len(kept) < len(segments):
-            log.info("dropped segments over silence", extra={"dropped": len(segments) - len(kept)})
+            log.info(
+                "dropped segments over silence",
+                extra={"action": "silent_segments_dropped", "dropped": len(segments) - len(kept)},
+            )
         return kept
 
     def _transcribe_window(
@@ -263,7 +270,10 @@ def _big_blocks_back_to_the_system() -> None:
     try:
         ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
     except (OSError, AttributeError):
-        log.debug("mallopt is not available; the default allocator settings stay")
+        log.debug(
+            "mallopt is not available; the default allocator settings stay",
+            extra={"action": "mallopt_unavailable"},
+        )
 
 
 def read_samples(pcm: Path, start: int, end: int) -> Any:

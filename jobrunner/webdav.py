@@ -207,7 +207,12 @@ class WebDAVClient:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "webdav retry",
-                extra={"operation": what, "try": state.attempt_number, "error": str(exc)},
+                extra={
+                    "action": "webdav_retry",
+                    "operation": what,
+                    "try": state.attempt_number,
+                    "error": str(exc),
+                },
             )
 
         runner = retry(

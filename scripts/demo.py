@@ -141,7 +141,7 @@ def main() -> int:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("event") == "attempt succeeded" and "timings" in record:
+            if record.get("action") == "run_succeeded":
                 runner_timings = record.get("timings", {})
         with conn.cursor() as cur:
             cur.execute("SELECT status, error_message, attempts FROM dharma.stt_jobs WHERE id = %s",

@@ -551,7 +551,7 @@ def test_local_executor_under_chaos(
     check_rows(tally, rows)
     runners: dict[tuple[int, int], set[str]] = {}
     for index, proc in enumerate(controllers.all):
-        for event in proc.events("runner process started"):
+        for event in proc.events("runner_process_started"):
             token = (int(event["job_id"]), int(event["attempt"]))
             runners.setdefault(token, set()).add(f"{index}:{event['pid']}")
     check_runners(tally, rows, runners)

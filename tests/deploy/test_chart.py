@@ -9,6 +9,7 @@ reference only". The API server's verdict on the same manifests is in test_chart
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.deploy.chart import (
     FULL_VALUES,
     MINIMAL_SET,
     NETWORK_SET,
+    REPO_ROOT,
     Manifest,
     controller_env,
     controller_settings,
@@ -149,7 +151,7 @@ def test_full_values_reach_the_settings_unchanged() -> None:
     assert runner["pendingTimeoutSeconds"] == settings.PENDING_TIMEOUT_SECONDS
     assert settings.RUNNER_IMAGE == "registry.example.org/dharma/jobrunner:0.1.0-rc1"
     assert settings.RUNNER_IMAGE_PULL_POLICY == "Always"
-    assert settings.RUNNER_IMAGE_PULL_SECRETS == "registry-credentials,mirror-credentials"
+    assert settings.RUNNER_IMAGE_PULL_SECRETS == ["registry-credentials", "mirror-credentials"]
     assert settings.RUNNER_SERVICE_ACCOUNT == "dharma-runner"
     assert (settings.RUNNER_CPU_REQUEST, settings.RUNNER_CPU_LIMIT) == ("1500m", "4")
     assert (settings.RUNNER_MEMORY_REQUEST, settings.RUNNER_MEMORY_LIMIT) == ("3Gi", "6Gi")
@@ -376,28 +378,89 @@ def _schema_config_keys(component: str) -> set[str]:
     return set(schema["properties"][component]["properties"]["config"]["properties"])
 
 
-def test_schema_types_every_runner_setting() -> None:
+def _template_keys(template: str) -> set[str]:
+    """The variables a ConfigMap template sets from structured values (`set $env "NAME"`,
+    and the database settings every component shares)."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    database = re.search(r'define "dharma-stream.databaseEnv".*?toJson', helpers, re.S)
+    assert database
+    text = (CHART / "templates" / template).read_text() + database.group(0)
+    return set(re.findall(r'(?:set \$env |dict |\$db\.\w+ )"([A-Z][A-Z0-9_]*)"', text))
+
+
+#: Set by the runner Job itself (controller/jobspec.py), or from the runners' Secret.
+RUNNER_FROM_THE_JOB = {"SCRATCH_DIR", "DB_PASSWORD", "WEBDAV_PASSWORD"}
+
+
+def test_schema_types_exactly_the_free_runner_settings() -> None:
     """Each runner variable is either rendered from structured values (database, webdav,
     the Secret, the Job spec's SCRATCH_DIR) or typed under runner.config, so a wrong type is
-    caught by `helm install`, not by a failing runner pod."""
-    structured = {"WEBDAV_BASE_URL", "WEBDAV_USER", "WEBDAV_PASSWORD", "SCRATCH_DIR"}
-    fields = {
+    caught by `helm install`, not by a failing runner pod; runner.config names nothing else
+    (the schema refuses other names, so a typo fails the install)."""
+    structured = _template_keys("configmap-runner.yaml") | RUNNER_FROM_THE_JOB
+    assert {"DB_HOST", "DB_USER", "WEBDAV_BASE_URL"} <= structured
+    free = set(RunnerSettings.model_fields) - structured
+    assert sorted(_schema_config_keys("runner") ^ free) == []
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["runner"]["config"]
+    assert sorted(set(defaults) - free) == []
+
+
+def test_schema_types_exactly_the_free_controller_settings() -> None:
+    """The controller variables not derived from structured values are exactly those typed
+    under controller.config, and values.yaml gives each its default."""
+    structured = _template_keys("configmap-controller.yaml")
+    assert {"DB_HOST", "RUNNER_IMAGE", "JOB_DEADLINE_SECONDS"} <= structured
+    free = {
         name
-        for name in RunnerSettings.model_fields
-        if not name.startswith("DB_") and name not in structured
+        for name in ControllerSettings.model_fields
+        if name not in NOT_IN_CONFIGMAP | structured and not name.startswith(LOCAL_ONLY_PREFIX)
     }
-    assert sorted(fields - _schema_config_keys("runner")) == []
-
-
-def test_schema_types_every_free_controller_setting() -> None:
-    """The controller variables not derived from structured values are typed under
-    controller.config."""
-    env = controller_env(render(set_values=MINIMAL_SET))
+    assert sorted(_schema_config_keys("controller") ^ free) == []
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["controller"]["config"]
-    free = set(defaults)
-    structured = set(env) - free
-    assert structured  # RUNNER_*, JOB_*, DB_*, ...: not overridable through controller.config
-    assert sorted(free - _schema_config_keys("controller")) == []
+    assert sorted(set(defaults) ^ free) == []
+    env = controller_env(render(set_values=MINIMAL_SET))
+    assert sorted(structured - set(env)) == []
+
+
+@pytest.mark.parametrize("component", ["controller", "runner"])
+def test_schema_refuses_a_name_that_is_no_setting(component: str) -> None:
+    result = helm(
+        "template", "t", str(CHART), "--set", f"{component}.config.MAX_CONCURENT_JOBS=3",
+        *values_args(set_values=MINIMAL_SET), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"/{component}/config" in result.stderr and "MAX_CONCURENT_JOBS" in result.stderr
+
+
+def _documented_settings() -> dict[str, set[str]]:
+    """The variables named in the first column of each table under docs/operations.md's
+    "## Configuration", by the table's heading."""
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    tables: dict[str, set[str]] = {}
+    heading = ""
+    for line in section.splitlines():
+        if line.startswith("### "):
+            heading = line[4:].strip()
+        elif line.startswith("|") and not line.startswith("|---"):
+            first = line.split("|")[1]
+            if first.strip() != "variable":
+                tables.setdefault(heading, set()).update(re.findall(r"`([A-Z][A-Z0-9_]*)`", first))
+    return tables
+
+
+def test_operations_tables_list_exactly_the_settings() -> None:
+    """docs/operations.md's configuration tables are the settings classes: every variable of
+    each program is in its table or the shared one, every variable there is a real setting
+    (a removed or misspelt one fails here), and the shared table holds only what both read."""
+    tables = _documented_settings()
+    assert set(tables) == {"Shared by both programs", "The jobrunner", "The controller"}
+    shared = tables["Shared by both programs"]
+    controller = set(ControllerSettings.model_fields)
+    runner = set(RunnerSettings.model_fields)
+    assert sorted(shared - (controller & runner)) == []
+    assert sorted(tables["The controller"] ^ (controller - shared)) == []
+    assert sorted(tables["The jobrunner"] ^ (runner - shared)) == []
 
 
 # ------------------------------------------------- least privilege for runners (issue 10) ---

@@ -85,7 +85,7 @@ def test_success(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -
     assert kube_setup.job_names() == [kube_setup.runner_name(job_id, 1)]
     (pod,) = kube_setup.pods(done["runner_name"])
     assert pod["metadata"]["labels"]["dharma.stream/job-id"] == str(job_id)
-    assert controller.events("attempt succeeded", job_id=job_id)
+    assert controller.events("attempt_succeeded", job_id=job_id)
 
 
 def test_completed_job_without_the_runners_commit_is_not_a_success(

@@ -62,8 +62,8 @@ def test_crash_after_the_job_finished_before_recording(
     done = eventually(lambda: finished(queue, job_id), "the job to be recorded")
     assert (done["status"], done["attempts"]) == ("completed", 1)
     assert kube_setup.job_names() == [kube_setup.runner_name(job_id, 1)]
-    assert len(restarted.events("attempt succeeded", job_id=job_id)) == 1
-    assert not restarted.events("runner launched")
+    assert len(restarted.events("attempt_succeeded", job_id=job_id)) == 1
+    assert not restarted.events("runner_launched")
 
 
 def test_two_replicas_one_job_per_attempt(
@@ -77,7 +77,7 @@ def test_two_replicas_one_job_per_attempt(
     second = start_controller({**env, "POD_NAME": "replica-b"})
     jobs = [add_job(queue) for _ in range(4)]
     eventually(lambda: all(finished(queue, j) for j in jobs), "the first batch", timeout=90)
-    leaders = {e["identity"] for p in (first, second) for e in p.events("leadership changed")
+    leaders = {e["identity"] for p in (first, second) for e in p.events("leadership_changed")
                if e["leader"]}  # fmt: skip
     assert len(leaders) == 1
     leader, standby = (first, second) if leaders == {"replica-a"} else (second, first)
@@ -86,7 +86,7 @@ def test_two_replicas_one_job_per_attempt(
     assert leader.stop() == 0
     more = [add_job(queue) for _ in range(3)]
     eventually(lambda: all(finished(queue, j) for j in more), "the second batch", timeout=90)
-    assert standby.events("leadership changed", leader=True)
+    assert standby.events("leadership_changed", leader=True)
     expected = sorted(kube_setup.runner_name(j, 1) for j in jobs + more)
     assert kube_setup.job_names() == expected
     assert {row(queue, j)["status"] for j in jobs + more} == {"completed"}
@@ -145,7 +145,7 @@ def test_postgres_restart_under_the_kubernetes_executor(
     second = add_job(queue)
     assert eventually(lambda: finished(queue, second), "the second job")["status"] == "completed"
     assert controller.alive()
-    assert controller.events("LISTEN connection lost; reconnecting")
+    assert controller.events("listen_lost")
 
 
 def test_sigterm_leaves_jobs_running_and_the_next_controller_adopts_them(
@@ -164,4 +164,4 @@ def test_sigterm_leaves_jobs_running_and_the_next_controller_adopts_them(
     done = eventually(lambda: finished(queue, job_id), "the adopted Job's outcome")
     assert (done["status"], done["attempts"]) == ("completed", 1)
     assert kube_setup.job_names() == [name]
-    assert not second.events("runner launched")
+    assert not second.events("runner_launched")

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from devtools.log_actions import lines_with_action
+from dharma_common.contract import runner_command
 
 
 @dataclass
@@ -14,11 +18,20 @@ class RunResult:
     message: str
     stderr: str
 
+    def events(self, action: str) -> list[dict[str, Any]]:
+        """The runner's log lines with this `action` (devtools/log_actions.py)."""
+        return lines_with_action(self.stderr, action)
+
+    def event(self, action: str) -> dict[str, Any]:
+        """The first log line with this `action`; a failure showing stderr if there is none."""
+        found = self.events(action)
+        assert found, f"no {action!r} line in the runner's log:\n{self.stderr}"
+        return found[0]
+
 
 def jobrunner_command(job_id: int, attempt: int) -> list[str]:
     """`dharma-jobrunner run` for one attempt, with this interpreter (no install needed)."""
-    return [sys.executable, "-m", "jobrunner", "run", "--job-id", str(job_id),
-            "--attempt", str(attempt)]  # fmt: skip
+    return runner_command(job_id, attempt, python=sys.executable)
 
 
 def start_jobrunner(env: dict[str, str], job_id: int, attempt: int) -> subprocess.Popen[str]:

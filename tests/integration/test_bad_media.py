@@ -61,10 +61,7 @@ def _out(dav: WebDAVServer, job: Job) -> Path:
 
 
 def _plan(result: RunResult) -> dict[str, Any]:
-    plan: dict[str, Any] = next(
-        json.loads(line) for line in result.stderr.splitlines() if '"plan"' in line
-    )
-    return plan
+    return result.event("plan")
 
 
 def _extinf(out: Path) -> list[float]:
@@ -203,7 +200,7 @@ def test_silent_audio_track_gives_no_subtitles_even_in_chinese(
     runner_env["WHISPER_LANGUAGE"] = "zh"
     job, result = _run(queue, runner_env, "silent_audio_mp4")
     assert result.code == 0, result.stderr
-    assert "audio is silent throughout; not transcribed" in result.stderr
+    assert result.events("audio_silent"), result.stderr
     assert _subtitles(queue, job) == []
     out = _out(dav, job)
     assert (out / "subtitles.vtt").read_text() == "WEBVTT\n\n"

@@ -52,7 +52,7 @@ def test_success_end_to_end(
     assert duration[0] and duration[0] > 10
     assert list(queue.dav.root.rglob("playlist.m3u8")), "no HLS playlist uploaded"
     assert list(queue.dav.root.rglob("*.vtt")), "no subtitles uploaded"
-    succeeded = controller.events("attempt succeeded", job_id=job_id)
+    succeeded = controller.events("attempt_succeeded", job_id=job_id)
     assert succeeded and succeeded[0]["media_id"] == str(media_id)
     assert succeeded[0]["attempt"] == 1
     scratch = Path(controller_env["LOCAL_SCRATCH_DIR"])
@@ -86,7 +86,7 @@ def test_deadline_kills_the_process_group(
     state, attempts, reason, message = status(queue, job_id)
     assert (state, attempts, reason) == ("failed", 1, "deadline_exceeded")
     assert message and message.startswith("timed out after 1 s")
-    pids = [e["pid"] for e in controller.events("runner process started", job_id=job_id)]
+    pids = [e["pid"] for e in controller.events("runner_process_started", job_id=job_id)]
     assert pids and not any(process_alive(pid) for pid in pids)
 
 
@@ -98,7 +98,7 @@ def test_memory_limit_is_enforced(
     job_id = queue.enqueue(queue.add_media("audio_wav"))
     env = {
         **controller_env,
-        "LOCAL_MEMORY_LIMIT_BYTES": str(40 * 2**20),
+        "RUNNER_MEMORY_LIMIT": "40Mi",
         "RUNNER_MEMORY_LIMIT_MAX": "40Mi",
     }
     controller = start_controller(env, "--exit-when-idle")
@@ -116,7 +116,7 @@ def test_oom_retry_raises_the_memory_limit(
     job_id = queue.enqueue(queue.add_media("audio_wav"))
     env = {
         **controller_env,
-        "LOCAL_MEMORY_LIMIT_BYTES": str(40 * 2**20),
+        "RUNNER_MEMORY_LIMIT": "40Mi",
         "RUNNER_OOM_MEMORY_FACTOR": "16",
         "RUNNER_MEMORY_LIMIT_MAX": "2Gi",
     }
@@ -125,7 +125,7 @@ def test_oom_retry_raises_the_memory_limit(
     state, attempts, reason, _ = status(queue, job_id)
     assert (state, attempts, reason) == ("completed", 2, None)
     assert queue.row("SELECT memory_limit FROM dharma.stt_jobs WHERE id = %s", job_id)[0] == "640Mi"
-    assert controller.events("attempt failed", job_id=job_id, failure_reason="oom_killed")
+    assert controller.events("attempt_failed", job_id=job_id, failure_reason="oom_killed")
 
 
 def test_cancellation_stops_the_runner(
@@ -136,15 +136,15 @@ def test_cancellation_stops_the_runner(
     job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
     controller = start_controller(controller_env)
     started = eventually(
-        lambda: controller.events("runner process started", job_id=job_id), "runner start"
+        lambda: controller.events("runner_process_started", job_id=job_id), "runner start"
     )
     pid = started[0]["pid"]
     queue.row("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s RETURNING id", job_id)
     eventually(lambda: not process_alive(pid), "runner process to be stopped")
-    eventually(lambda: controller.events("runner process exited", job_id=job_id), "exit seen")
+    eventually(lambda: controller.events("runner_process_exited", job_id=job_id), "exit seen")
     assert controller.stop() == 0
     assert status(queue, job_id)[0] == "cancelled"
-    assert controller.events("stopping runner: its row is no longer this attempt's", job_id=job_id)
+    assert controller.events("runner_swept", job_id=job_id)
 
 
 def test_sigterm_stops_local_runners_and_records_them(
@@ -157,10 +157,10 @@ def test_sigterm_stops_local_runners_and_records_them(
     job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
     env = {**controller_env, "RETRY_BASE_SECONDS": "60", "RETRY_MAX_SECONDS": "60"}
     controller = start_controller(env)
-    started = eventually(lambda: controller.events("runner process started", job_id=job_id), "run")
+    started = eventually(lambda: controller.events("runner_process_started", job_id=job_id), "run")
     assert controller.stop() == 0
     assert not process_alive(started[0]["pid"])
-    assert controller.events("stopping runner process", job_id=job_id, why="shutdown")
+    assert controller.events("runner_process_stopping", job_id=job_id, why="shutdown")
     state, attempts, reason, _ = status(queue, job_id)
     assert state != "processing" and attempts == 1
     if state == "pending":

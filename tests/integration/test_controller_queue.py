@@ -323,8 +323,8 @@ def test_notify_wakes_the_controller_before_the_poll_would(
     wait is bounded far below the poll interval)."""
     env = {**controller_env, "POLL_INTERVAL_SECONDS": "600"}
     controller = start_controller(env)
-    eventually(lambda: controller.events("listening for notifications"), "LISTEN", timeout=60)
-    eventually(lambda: controller.events("controller starting"), "start")
+    eventually(lambda: controller.events("listening"), "LISTEN", timeout=60)
+    eventually(lambda: controller.events("controller_starting"), "start")
     job_id = queue.enqueue(queue.add_media("garbage"))
     eventually(
         lambda: (
@@ -333,5 +333,5 @@ def test_notify_wakes_the_controller_before_the_poll_would(
         "the row to be claimed and run",
         timeout=120,
     )
-    assert controller.events("claimed", job_id=job_id)
+    assert controller.events("job_claimed", job_id=job_id)
     assert controller.stop() == 0

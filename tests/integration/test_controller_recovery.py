@@ -37,15 +37,15 @@ def test_postgres_restart_while_the_controller_runs(
     first = queue.enqueue(queue.add_media("h264_aac_mp4"))
     second_media = queue.add_media("audio_wav")
     controller = start_controller(controller_env)
-    eventually(lambda: controller.events("runner process started", job_id=first), "a runner")
+    eventually(lambda: controller.events("runner_process_started", job_id=first), "a runner")
     queue.conn.close()
     # A fast shutdown (SIGINT) ends every session, as a crash would (crashes: tests/chaos).
     pg_server.restart()
     queue.conn = queue.db.connect()
-    eventually(lambda: controller.events("LISTEN connection lost; reconnecting"), "LISTEN lost")
+    eventually(lambda: controller.events("listen_lost"), "LISTEN lost")
     assert controller.alive()
     eventually(lambda: row(queue, first)[0] == "completed", "the first job", timeout=150)
-    eventually(lambda: len(controller.events("listening for notifications")) >= 2, "re-LISTEN")
+    eventually(lambda: len(controller.events("listening")) >= 2, "re-LISTEN")
     second = queue.enqueue(second_media)
     eventually(lambda: row(queue, second)[0] == "completed", "the second job", timeout=150)
     assert controller.alive()
@@ -60,7 +60,7 @@ def test_sigkill_while_running_then_restart(
     temporary failure) and runs attempt 2 to completion. No runner is left behind."""
     job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
     first = start_controller(controller_env)
-    started = eventually(lambda: first.events("runner process started", job_id=job_id), "run")
+    started = eventually(lambda: first.events("runner_process_started", job_id=job_id), "run")
     orphan = started[0]["pid"]
     first.kill()
     assert process_alive(orphan), "the runner should outlive its controller (own session)"
@@ -69,7 +69,7 @@ def test_sigkill_while_running_then_restart(
     assert not process_alive(orphan)
     status, attempts, _, _ = row(queue, job_id)
     assert (status, attempts) == ("completed", 2)
-    failed = second.events("attempt failed", job_id=job_id, attempt=1)
+    failed = second.events("attempt_failed", job_id=job_id, attempt=1)
     assert failed and failed[0]["failure_reason"] == "controller_restarted"
 
 
@@ -83,11 +83,11 @@ def test_crash_between_claim_and_launch_launches_exactly_once(
     assert crashing.wait(timeout=60) == -9
     assert row(queue, job_id)[:2] == ("processing", 1)
     assert queue.row("SELECT runner_name FROM dharma.stt_jobs WHERE id = %s", job_id)[0] is None
-    assert not crashing.events("runner process started")
+    assert not crashing.events("runner_process_started")
     restarted = start_controller(controller_env, "--exit-when-idle")
     assert restarted.wait(timeout=150) == 0
     assert row(queue, job_id)[:2] == ("completed", 1)
-    assert len(restarted.events("runner process started", job_id=job_id)) == 1
+    assert len(restarted.events("runner_process_started", job_id=job_id)) == 1
 
 
 def test_crash_between_spawn_and_pid_file_never_runs_the_attempt_again(
@@ -100,16 +100,16 @@ def test_crash_between_spawn_and_pid_file_never_runs_the_attempt_again(
     job_id = queue.enqueue(queue.add_media("h264_aac_mp4"))
     crashing = start_controller({**controller_env, "DHARMA_FAULT_CRASH_AFTER_SPAWN": "1"})
     assert crashing.wait(timeout=60) == -9
-    assert not crashing.events("runner process started")
+    assert not crashing.events("runner_process_started")
     restarted = start_controller(controller_env, "--exit-when-idle")
     assert restarted.wait(timeout=180) == 0
-    stopped = restarted.events("stopping a previous controller's runner", job_id=job_id)
+    stopped = restarted.events("orphan_stopping", job_id=job_id)
     assert len(stopped) == 1 and stopped[0]["attempt"] == 1
     assert not process_alive(stopped[0]["pid"])
     assert row(queue, job_id)[:2] == ("completed", 2)
-    failed = restarted.events("attempt failed", job_id=job_id, attempt=1)
+    failed = restarted.events("attempt_failed", job_id=job_id, attempt=1)
     assert failed and failed[0]["failure_reason"] == "controller_restarted"
-    assert [e["attempt"] for e in restarted.events("runner process started")] == [2]
+    assert [e["attempt"] for e in restarted.events("runner_process_started")] == [2]
 
 
 def test_crash_before_recording_records_once_on_restart(
@@ -125,5 +125,5 @@ def test_crash_before_recording_records_once_on_restart(
     restarted = start_controller(controller_env, "--exit-when-idle")
     assert restarted.wait(timeout=60) == 0
     assert row(queue, job_id)[:2] == ("completed", 1)
-    assert len(restarted.events("attempt succeeded", job_id=job_id)) == 1
-    assert not restarted.events("runner process started")
+    assert len(restarted.events("attempt_succeeded", job_id=job_id)) == 1
+    assert not restarted.events("runner_process_started")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.log_actions import read_until_action
 from devtools.media import MODELS
 from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
@@ -87,7 +88,7 @@ def test_h264_aac_is_stream_copied(
     segments = _playlist_segments(out / "hls" / "playlist.m3u8")
     assert segments and all((out / "hls" / s).is_file() for s in segments)
     assert (out / "subtitles.vtt").read_text().startswith("WEBVTT")
-    plan = next(json.loads(line) for line in result.stderr.splitlines() if '"plan"' in line)
+    plan = result.event("plan")
     assert plan["copy_video"] is True and plan["copy_audio"] is True
     for line in result.stderr.splitlines():  # every log line is JSON with the job identity
         record = json.loads(line)
@@ -144,7 +145,7 @@ def test_h264_with_mp3_copies_video_and_encodes_audio(
 ) -> None:
     job, result = _run(queue, runner_env, "h264_mp3_mkv")
     assert result.code == 0, result.stderr
-    plan = next(json.loads(line) for line in result.stderr.splitlines() if '"plan"' in line)
+    plan = result.event("plan")
     assert plan["copy_video"] is True and plan["copy_audio"] is False
     assert _codecs(_artifacts(dav, job) / "video.mp4") == {"video": "h264", "audio": "aac"}
 
@@ -287,7 +288,7 @@ def test_webdav_that_fails_a_few_requests_is_retried(
     dav.faults.fail(1, status=500, method="MKCOL")
     job, result = _run(queue, runner_env, "h264_aac_mp4")
     assert result.code == 0, result.stderr
-    assert result.stderr.count('"webdav retry"') == 5
+    assert len(result.events("webdav_retry")) == 5
     out = _artifacts(dav, job)
     assert all((out / "hls" / s).is_file() for s in _playlist_segments(out / "hls/playlist.m3u8"))
 
@@ -400,9 +401,7 @@ def test_sigterm_stops_cleanly_and_removes_scratch(
     runner_env["X264_PRESET"] = "medium"
     proc = start_jobrunner(runner_env, job.job_id, job.attempt)
     assert proc.stderr is not None
-    for line in proc.stderr:  # wait until it is encoding and transcribing
-        if '"plan"' in line:
-            break
+    read_until_action(proc.stderr, "plan")  # wait until it is encoding and transcribing
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

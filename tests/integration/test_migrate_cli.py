@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from devtools.log_actions import lines_with_action
 from devtools.services import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,8 @@ def test_migrate_creates_the_schema_once_and_is_idempotent(pg_server: PostgresSe
     }  # fmt: skip
     first = _migrate(env)
     assert first.returncode == 0, first.stderr
-    assert '"migration applied"' in first.stderr and "migration(s) applied" in first.stdout
+    assert lines_with_action(first.stderr, "migration_applied"), first.stderr
+    assert "migration(s) applied" in first.stdout
     second = _migrate(env)
     assert second.returncode == 0, second.stderr
     assert "(0 migration(s) applied)" in second.stdout

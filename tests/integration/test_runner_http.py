@@ -161,6 +161,6 @@ def test_repeated_equal_content_length_is_accepted(
     runner_env["HTTP_RETRIES"] = "1"
     job = queue.job("audio_mp3")
     result = run_jobrunner(runner_env, job.job_id, job.attempt, timeout=60)
-    assert '"source downloaded"' in result.stderr, result.stderr
+    assert result.events("source_downloaded"), result.stderr
     assert "Content-Length" not in result.message
     assert list(scratch.iterdir()) == []

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from devtools.log_actions import check_action, lines_with_action, read_until_action
 from devtools.media import make_long_talk
 from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
@@ -32,12 +33,12 @@ def _events(queue: Queue, env: dict[str, str], kind: str) -> list[dict[str, Any]
 
 
 def _order(events: list[dict[str, Any]]) -> list[str]:
-    wanted = ("source converted", "transcription started")
-    return [e["event"] for e in events if e["event"] in wanted]
+    wanted = (check_action("source_converted"), check_action("transcription_started"))
+    return [e["action"] for e in events if e.get("action") in wanted]
 
 
-def _event(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    return next(e for e in events if e["event"] == name)
+def _event(events: list[dict[str, Any]], action: str) -> dict[str, Any]:
+    return next(e for e in events if e.get("action") == check_action(action))
 
 
 def test_reencoded_video_is_converted_before_whisper_starts_by_default(
@@ -45,8 +46,8 @@ def test_reencoded_video_is_converted_before_whisper_starts_by_default(
 ) -> None:
     events = _events(queue, runner_env, "vp9_opus_webm")
     assert _event(events, "plan")["overlap"] is False
-    assert _order(events) == ["source converted", "transcription started"]
-    decoding = _event(events, "whisper decoding")
+    assert _order(events) == ["source_converted", "transcription_started"]
+    decoding = _event(events, "whisper_decoding")
     assert decoding == decoding | {
         "threads": 2, "strategy": "WHISPER_SAMPLING_GREEDY", "beam_size": 0,
     }  # fmt: skip
@@ -58,8 +59,8 @@ def test_overlap_and_beam_search_when_configured(queue: Queue, runner_env: dict[
     runner_env["WHISPER_THREADS"] = "1"
     events = _events(queue, runner_env, "vp9_opus_webm")
     assert _event(events, "plan")["overlap"] is True
-    assert _order(events) == ["transcription started", "source converted"]
-    decoding = _event(events, "whisper decoding")
+    assert _order(events) == ["transcription_started", "source_converted"]
+    decoding = _event(events, "whisper_decoding")
     assert decoding == decoding | {
         "threads": 1, "strategy": "WHISPER_SAMPLING_BEAM_SEARCH", "beam_size": 5,
     }  # fmt: skip
@@ -69,7 +70,7 @@ def test_stream_copy_still_runs_beside_whisper(queue: Queue, runner_env: dict[st
     events = _events(queue, runner_env, "h264_aac_mp4")
     plan = _event(events, "plan")
     assert plan["copy_video"] is True and plan["overlap"] is True
-    assert _order(events) == ["transcription started", "source converted"]
+    assert _order(events) == ["transcription_started", "source_converted"]
 
 
 def test_cancelled_while_encoding_stops_before_transcribing(
@@ -82,17 +83,13 @@ def test_cancelled_while_encoding_stops_before_transcribing(
     dav.faults.clear()
     proc = start_jobrunner(runner_env, job.job_id, job.attempt)
     assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if '"plan"' in line:
-            break
+    seen = read_until_action(proc.stderr, "plan")
     queue.row("UPDATE dharma.stt_jobs SET status = 'cancelled' WHERE id = %s RETURNING id",
               job.job_id)  # fmt: skip
     seen += proc.stderr.readlines()
     assert proc.wait(timeout=120) == ExitCode.FENCED, "".join(seen)
     message = Path(runner_env["TERMINATION_MESSAGE_PATH"]).read_text()
     assert "no longer owned by this attempt" in message
-    assert not any('"transcription started"' in line for line in seen)
+    assert not lines_with_action(seen, "transcription_started")
     assert [r for r in dav.faults.log if r.method != "GET"] == []
     assert list(scratch.iterdir()) == []

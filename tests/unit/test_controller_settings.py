@@ -56,17 +56,55 @@ def test_memory_settings_in_order_are_accepted() -> None:
     assert loaded.RUNNER_MEMORY_LIMIT == "2048Mi"
 
 
-def test_memory_order_is_not_checked_for_the_local_executor() -> None:
-    """The local executor limits a runner with LOCAL_MEMORY_LIMIT_BYTES; the Job's request
-    and limit do not apply, so only their syntax is checked."""
+def test_local_executor_has_a_limit_but_no_request() -> None:
+    """The local executor limits a runner with RUNNER_MEMORY_LIMIT (0: none) and raises it
+    after an OOM kill up to RUNNER_MEMORY_LIMIT_MAX; there is no request to be above."""
     loaded = load_settings(
         ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local",
-        RUNNER_MEMORY_LIMIT_MAX="40Mi",
+        RUNNER_MEMORY_LIMIT="40Mi", RUNNER_MEMORY_LIMIT_MAX="40Mi",
     )  # fmt: skip
-    assert loaded.RUNNER_MEMORY_LIMIT_MAX == "40Mi"
+    assert loaded.RUNNER_MEMORY_LIMIT == "40Mi"
+    assert (
+        load_settings(
+            ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local", RUNNER_MEMORY_LIMIT="0"
+        ).RUNNER_MEMORY_LIMIT
+        == "0"
+    )
+    with pytest.raises(ConfigError, match=r"RUNNER_MEMORY_LIMIT_MAX='40Mi' is invalid: .*below"):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local",
+                      RUNNER_MEMORY_LIMIT_MAX="40Mi")  # fmt: skip
     with pytest.raises(ConfigError, match="RUNNER_MEMORY_LIMIT_MAX"):
         load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local",
                       RUNNER_MEMORY_LIMIT_MAX="40m")  # fmt: skip
+
+
+def test_a_removed_variable_is_refused_naming_its_replacement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LOCAL_MEMORY_LIMIT_BYTES became RUNNER_MEMORY_LIMIT: ignoring the old name (as unknown
+    variables are) would silently change the limit, so start-up fails and says what to set."""
+    monkeypatch.setenv("LOCAL_MEMORY_LIMIT_BYTES", "41943040")
+    with pytest.raises(
+        ConfigError, match=r"LOCAL_MEMORY_LIMIT_BYTES was removed: .*RUNNER_MEMORY_LIMIT"
+    ):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", EXECUTOR="local")
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [("regcred,other", "must be JSON .*registry-credentials"), ('["Not_A_Name"]', "Secret name")],
+)
+def test_pull_secrets_are_a_json_list_of_names(value: str, complaint: str) -> None:
+    """Every list or map setting is JSON: a comma-separated list fails at start-up."""
+    loaded = load_settings(
+        ControllerSettings, DB_HOST="db", DB_USER="u", RUNNER_IMAGE_PULL_SECRETS='["a", "b-c"]'
+    )
+    assert loaded.RUNNER_IMAGE_PULL_SECRETS == ["a", "b-c"]
+    with pytest.raises(
+        ConfigError, match=rf"RUNNER_IMAGE_PULL_SECRETS=.* is invalid: .*{complaint}"
+    ):
+        load_settings(ControllerSettings, DB_HOST="db", DB_USER="u",
+                      RUNNER_IMAGE_PULL_SECRETS=value)  # fmt: skip
 
 
 def test_identity_defaults_to_the_host_name() -> None:

@@ -155,7 +155,7 @@ def test_placement_and_extras() -> None:
         RUNNER_TOLERATIONS=json.dumps(tolerations),
         RUNNER_AFFINITY=json.dumps(affinity),
         RUNNER_PRIORITY_CLASS="batch-low",
-        RUNNER_IMAGE_PULL_SECRETS="regcred, other",
+        RUNNER_IMAGE_PULL_SECRETS='["regcred", "other"]',
         RUNNER_SERVICE_ACCOUNT="runner",
         RUNNER_POD_LABELS='{"team": "media", "dharma.stream/job-id": "spoofed"}',
         RUNNER_POD_ANNOTATIONS='{"example.com/note": "x"}',

@@ -305,3 +305,15 @@ def test_download_refuses_a_source_the_scratch_space_cannot_hold(
     with pytest.raises(PermanentError, match=r"1,000 bytes.*2,500.*2,000 bytes free"):
         download()
     assert not dest.exists()
+
+
+def test_the_runner_parses_the_command_line_of_the_contract() -> None:
+    from dharma_common.contract import RUNNER_MODULE, RUNNER_PROGRAM, runner_command
+    from jobrunner.cli import build_parser
+
+    command = runner_command(42, 3)
+    assert command[0] == RUNNER_PROGRAM == build_parser().prog
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.job_id, args.attempt) == ("run", 42, 3)
+    local = runner_command(42, 3, python="/usr/bin/python3")
+    assert local == ["/usr/bin/python3", "-m", RUNNER_MODULE, *command[1:]]

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from controller import faults
 from controller.executor import Launched
+from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.local import LocalExecutor
 from controller.metrics import Metrics
@@ -113,6 +113,7 @@ def world(
     executor_args: dict[str, Any] | None = None,
     leading: bool | Leader | None = None,
     exit_when_idle: bool = False,
+    faults: FaultHooks | None = None,
     **settings: Any,
 ) -> World:
     clock = FakeClock()
@@ -129,6 +130,7 @@ def world(
         leader=Leader(leading) if isinstance(leading, bool) else leading,
         exit_when_idle=exit_when_idle,
         metrics=Metrics(),
+        faults=faults,
     )
     return World(clock, store, fake, service, listener)
 
@@ -574,16 +576,57 @@ def test_run_waits_for_the_executor_to_sync_and_stops_on_request() -> None:
     assert w.service.probe_port is None
 
 
-def test_stop_before_the_database_answers(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(faults, "enabled", lambda: [faults.CRASH_AFTER_CLAIM])  # warned only
+def test_stop_before_the_database_answers() -> None:
     w = world()
     w.store.unavailable = 10**6
     w.service.request_stop()
     assert w.service.run() == 0
     assert w.executor.calls == [("shutdown",)]
-    assert "TEST FAULT INJECTION ENABLED" in caplog.text
+
+
+class Crashed(Exception):
+    """What the test's fault hooks raise where the real ones SIGKILL the controller."""
+
+
+def crash() -> None:
+    raise Crashed
+
+
+def test_fault_hooks_are_absent_unless_a_variable_is_exactly_1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert FaultHooks.from_environment({}) is None
+    assert FaultHooks.from_environment({Fault.CRASH_AFTER_CLAIM.value: "true"}) is None
+    hooks = FaultHooks.from_environment({Fault.CRASH_AFTER_CLAIM.value: "1"})
+    assert hooks is not None and hooks.enabled == {Fault.CRASH_AFTER_CLAIM}
+    warned = [r for r in caplog.records if getattr(r, "action", None) == "fault_injection_enabled"]
+    assert [getattr(r, "fault", None) for r in warned] == [Fault.CRASH_AFTER_CLAIM.value]
+
+
+def test_crash_after_claim_comes_after_the_claim_and_before_any_launch() -> None:
+    w = world(faults=FaultHooks([Fault.CRASH_AFTER_CLAIM], kill=crash))
+    w.store.insert()
+    with pytest.raises(Crashed):
+        w.one_pass()
+    assert [write[0] for write in w.store.writes] == ["claim"]
+    assert not [call for call in w.executor.calls if call[0] == "launch"]
+
+
+@pytest.mark.parametrize("phase", [Phase.SUCCEEDED, Phase.FAILED])
+def test_crash_before_record_comes_before_the_outcome_is_written(phase: Phase) -> None:
+    w = world(faults=FaultHooks([Fault.CRASH_BEFORE_RECORD], kill=crash))
+    w.sees(w.processing(runner_name="runner-1-1", committed=phase is Phase.SUCCEEDED), phase)
+    with pytest.raises(Crashed):
+        w.one_pass()
+    assert w.store.writes == []
+
+
+def test_disabled_fault_hooks_change_nothing() -> None:
+    w = world(faults=FaultHooks([Fault.CRASH_AFTER_SPAWN], kill=crash))
+    w.store.insert()
+    writes, calls = w.one_pass()
+    assert [write[0] for write in writes][:1] == ["claim"]
+    assert [call[0] for call in calls if call[0] == "launch"] == ["launch"]
 
 
 def test_probes_report_a_dead_listener_and_executor_thread() -> None:
