@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -36,6 +37,12 @@ from tests.images import (
 )
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(3600)]
+
+
+def without_colours(text: str) -> str:
+    """The legacy builder colours a step's stderr and may split one line into many coloured
+    pieces ("P\x1b[0m\x1b[91mr..."): compare the text without the colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def test_runner_runs_as_10001_read_only_without_network(docker: Docker) -> None:
@@ -143,7 +150,7 @@ def test_model_stage_rejects_a_wrong_checksum(docker: Docker, model_server: str)
         str(REPO_ROOT),
         check=False, timeout=1800,
     )  # fmt: skip
-    output = result.stdout + result.stderr
+    output = without_colours(result.stdout + result.stderr)
     assert result.returncode != 0, output
     assert "ggml-base.bin: FAILED" in output, output
     assert f"SHA-256 mismatch, expected {wrong}, got {TEST_MODEL_SHA256}" in output, output
@@ -162,7 +169,7 @@ def test_model_stage_refuses_plain_http_by_default(docker: Docker, model_server:
         str(REPO_ROOT),
         check=False, timeout=1800,
     )  # fmt: skip
-    output = result.stdout + result.stderr
+    output = without_colours(result.stdout + result.stderr)
     assert result.returncode != 0, output
     assert "Protocol" in output and "not supported or disabled" in output, output
 
