@@ -24,7 +24,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -401,6 +401,88 @@ def simulated_runners(
         raise
 
 
+@dataclass
+class _Started:
+    """What `harness()` has started so far, so that its teardown (`_tear_down`) stops exactly
+    that, however far the start-up got before it failed."""
+
+    server: PostgresServer | None = None
+    factory: DatabaseFactory | None = None
+    db: Database | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    watches: list[ObjectWatch] = field(default_factory=list)
+    sampler: RssSampler | None = None
+    runners: SimulatedCommits | None = None
+    runner_api: Any = None
+
+
+def _start_database(started: _Started) -> Database:
+    """A PostgreSQL of the run's own (in its own temporary directory: PostgreSQL runs as
+    `postgres`, which cannot enter workdir) and a migrated database on it, recorded in
+    `started` as they come up."""
+    started.server = PostgresServer()
+    started.server.start()
+    started.factory = DatabaseFactory(started.server)
+    started.db = started.factory.create()
+    return started.db
+
+
+def _start_controller(
+    started: _Started, env: dict[str, str], workdir: Path, rss_interval: float
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """ONE `dharma-controller run --executor kubernetes` process logging to
+    workdir/controller.log, with its RSS sampler; both recorded in `started`."""
+    log_path = workdir / "controller.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "run", "--executor", "kubernetes"],
+            env=env, stdout=log, stderr=log, cwd=REPO,
+        )  # fmt: skip
+    started.proc = proc
+    started.sampler = RssSampler(proc.pid, rss_interval)
+    started.sampler.start()
+    return proc, log_path
+
+
+def _wait_until_ready(proc: subprocess.Popen[bytes], metrics_port: int, log_path: Path) -> None:
+    """Wait for the controller's /readyz (or its exit, which is an error), then one second
+    more before the benchmark starts."""
+    readyz = f"http://127.0.0.1:{metrics_port}/readyz"
+    wait_for(lambda: proc.poll() is not None or http_get(readyz)[0] == 200,
+             "the controller to be ready", 120)  # fmt: skip
+    if proc.poll() is not None:
+        raise RuntimeError(f"the controller exited ({proc.returncode}); see {log_path}")
+    time.sleep(1)
+
+
+def _tear_down(started: _Started, ns: Namespace, api: Any, args: argparse.Namespace) -> None:
+    """Stop what `harness()` started, in this order: the sampler, the controller (killed if
+    still running), the watches, the simulated runners and their API client, then the
+    namespace, the database, PostgreSQL, the API client and the testbed session."""
+    if started.sampler is not None:
+        started.sampler.stop()
+    if started.proc is not None and started.proc.poll() is None:
+        started.proc.kill()
+        started.proc.wait(timeout=30)
+    for w in started.watches:
+        w.stop()
+    if started.runners is not None:
+        started.runners.stop()
+    if started.runner_api is not None:
+        started.runner_api.close()
+    print("cleaning up: namespace, database, testbed session", file=sys.stderr)
+    if not ns.delete(wait=args.cleanup_wait):
+        print(f"  namespace {ns.name} still terminating; it will go on its own",
+              file=sys.stderr)  # fmt: skip
+    if started.factory is not None and started.db is not None:
+        with contextlib.suppress(Exception):
+            started.factory.drop(started.db)
+    if started.server is not None:
+        started.server.close()
+    api.close()
+    testbed("release", str(os.getpid()), keep=args.keep_testbed)
+
+
 @contextlib.contextmanager
 def harness(
     args: argparse.Namespace, workdir: Path, rss_interval: float = 0.25
@@ -414,77 +496,33 @@ def harness(
     ns = Namespace(
         f"bench-controller-{uuid.uuid4().hex[:6]}", core, client.RbacAuthorizationV1Api(api)
     )
-    # Its own temporary directory: PostgreSQL runs as `postgres`, which cannot enter workdir.
-    server: PostgresServer | None = None
-    db: Database | None = None
-    factory: DatabaseFactory | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    watches: list[ObjectWatch] = []
-    sampler: RssSampler | None = None
-    runners: SimulatedCommits | None = None
-    runner_api: Any = None
+    started = _Started()
     try:
-        server = PostgresServer()
-        server.start()
-        factory = DatabaseFactory(server)
-        db = factory.create()
+        db = _start_database(started)
         ns.create(kubeconfig, workdir)
         print(f"namespace {ns.name}, database {db.name}, testbed kubeconfig {kubeconfig}",
               file=sys.stderr)  # fmt: skip
         for list_fn in (batch.list_namespaced_job, core.list_namespaced_pod):
-            watches.append(ObjectWatch(list_fn, ns.name))
-            watches[-1].start()
-        runners, runner_api = simulated_runners(kubeconfig, ns.name, db)
+            started.watches.append(ObjectWatch(list_fn, ns.name))
+            started.watches[-1].start()
+        started.runners, started.runner_api = simulated_runners(kubeconfig, ns.name, db)
         metrics_port = free_port()
         env = controller_env(args, db, ns, metrics_port)
         kcm_before = kcm_throttle(kubeconfig)
         api_counter = ApiRequestCounter(kubeconfig)
         api_counter.start()
-        log_path = workdir / "controller.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "controller", "run", "--executor", "kubernetes"],
-                env=env, stdout=log, stderr=log, cwd=REPO,
-            )  # fmt: skip
-        sampler = RssSampler(proc.pid, rss_interval)
-        sampler.start()
-        readyz = f"http://127.0.0.1:{metrics_port}/readyz"
-        started = proc
-        wait_for(lambda: started.poll() is not None or http_get(readyz)[0] == 200,
-                 "the controller to be ready", 120)  # fmt: skip
-        if proc.poll() is not None:
-            raise RuntimeError(f"the controller exited ({proc.returncode}); see {log_path}")
-        time.sleep(1)
+        proc, log_path = _start_controller(started, env, workdir, rss_interval)
+        assert started.sampler is not None
+        _wait_until_ready(proc, metrics_port, log_path)
         yield Harness(
-            kubeconfig=kubeconfig, batch=batch, ns=ns, db=db, proc=proc, watch=watches[0],
-            pod_watch=watches[1], sampler=sampler, api_counter=api_counter, runners=runners,
-            metrics_port=metrics_port, log_path=log_path,
-            rss_idle_mib=read_rss_kib(proc.pid).get("VmRSS", 0) / 1024,
+            kubeconfig=kubeconfig, batch=batch, ns=ns, db=db, proc=proc,
+            watch=started.watches[0], pod_watch=started.watches[1], sampler=started.sampler,
+            api_counter=api_counter, runners=started.runners, metrics_port=metrics_port,
+            log_path=log_path, rss_idle_mib=read_rss_kib(proc.pid).get("VmRSS", 0) / 1024,
             kcm_before=kcm_before, load_before=os.getloadavg(),
         )  # fmt: skip
     finally:
-        if sampler is not None:
-            sampler.stop()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        for w in watches:
-            w.stop()
-        if runners is not None:
-            runners.stop()
-        if runner_api is not None:
-            runner_api.close()
-        print("cleaning up: namespace, database, testbed session", file=sys.stderr)
-        if not ns.delete(wait=args.cleanup_wait):
-            print(f"  namespace {ns.name} still terminating; it will go on its own",
-                  file=sys.stderr)  # fmt: skip
-        if factory is not None and db is not None:
-            with contextlib.suppress(Exception):
-                factory.drop(db)
-        if server is not None:
-            server.close()
-        api.close()
-        testbed("release", str(os.getpid()), keep=args.keep_testbed)
+        _tear_down(started, ns, api, args)
 
 
 class _Logged(Protocol):

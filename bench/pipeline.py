@@ -17,16 +17,12 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg2
-
-from bench.runs import claimed_attempt, runner_command
+from bench.runs import claimed_attempt, runner_command, runner_services
 from devtools.media import MODELS, WEIGHTLESS_MODEL, make_long_talk
-from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 
@@ -73,40 +69,25 @@ def main() -> int:
             print(f"input {inputs[codec].name} ready ({time.perf_counter() - start:.1f} s)",
                   flush=True)  # fmt: skip
 
-    pg = PostgresServer()
-    pg.start()
-    dav = WebDAVServer()
-    try:
-        db = DatabaseFactory(pg).create()
-        conn = psycopg2.connect(**db.settings.connect_kwargs("bench"))
-        conn.autocommit = True
-        scratch = Path(tempfile.mkdtemp(prefix="dharma-bench-"))
-        env = {
-            **os.environ, **db.env(), **dav.env(),
-            "WHISPER_MODEL": str(args.model), "WHISPER_LANGUAGE": "en",
-            "WHISPER_THREADS": str(args.threads), "SCRATCH_DIR": str(scratch),
-            "TERMINATION_MESSAGE_PATH": str(scratch / "termination-log"), "LOG_LEVEL": "WARNING",
-        }  # fmt: skip
-        rows = []
+    rows = []
+    with runner_services(args.model, args.threads, "WARNING") as services:
         for codec, source in inputs.items():
             upload = f"/uploads/{source.name}"
-            dav.put_file(upload, source)
+            services.dav.put_file(upload, source)
             for _ in range(args.repeat):
-                ours = _measured(runner_command(claimed_attempt(conn, upload)), env)
-                work = scratch / "naive"
+                ours = _measured(
+                    runner_command(claimed_attempt(services.conn, upload)), services.env
+                )
+                work = services.scratch / "naive"
                 naive = _measured(
                     [sys.executable, "-m", "bench.naive", str(source), str(work), str(args.model),
-                     "en", str(args.threads)], env,
+                     "en", str(args.threads)], services.env,
                 )  # fmt: skip
                 shutil.rmtree(work, ignore_errors=True)
                 rows.append((codec, ours, naive))
                 print(f"{codec}: jobrunner {ours.wall:.1f} s wall / {ours.cpu:.1f} s CPU;"
                       f" naive {naive.wall:.1f} s wall / {naive.cpu:.1f} s CPU;"
                       f" ratio {ours.wall / naive.wall:.3f}", flush=True)  # fmt: skip
-        conn.close()
-    finally:
-        dav.close()
-        pg.close()
 
     targets = {"vp9": 0.5, "h264": 0.25}
     print()

@@ -33,6 +33,9 @@ from typing import Any
 from controller.store import CLAIM_LOCK_KEY, Q
 from devtools.services import Database, DatabaseFactory, PostgresServer
 
+#: The queue gauge's query before issue 11 (item 9), for comparison.
+QUEUE_DEPTH_BEFORE = "SELECT status, count(*) FROM dharma.stt_jobs GROUP BY status"
+
 #: The original specification's claim (seed), verbatim but for the schema it runs on.
 NAIVE_CLAIM = """
 UPDATE dharma.stt_jobs
@@ -241,8 +244,23 @@ def report(conn: Any, args: argparse.Namespace) -> None:
         Case("inflight (every pass)", [(Q["inflight"], {"owner": None})]),
         Case("next_due (every pass)", [(Q["next_due"], {})]),
         Case("oldest_pending_age (gauge)", [(Q["oldest_pending_age"], {})]),
-        Case("queue_depth (gauge)", [(Q["queue_depth"], {})]),
+        Case("queue_depth (gauge): live statuses", [(Q["queue_depth_live"], {})]),
+        Case(
+            "queue_depth: finished, estimated (> 100k rows)",
+            [(Q["queue_depth_finished_estimate"], {})],
+        ),
+        Case("queue_depth: finished, exact (<= 100k rows)", [(Q["queue_depth_finished"], {})]),
+        Case("queue_depth before issue 11: one count by status", [(QUEUE_DEPTH_BEFORE, {})]),
         Case("record_success (fenced)", [(Q["record_success"], fence)]),
+        Case("status page: in flight", [(Q["status_inflight"], {"limit": 200})]),
+        Case(
+            "status page: failures, 24 h, limit 20",
+            [(Q["status_failures"], {"window": 86400, "limit": 20})],
+        ),
+        Case(
+            "status page: throughput, last hour",
+            [(Q["status_throughput"], {"window": 3600, "bucket": 300, "buckets": 12})],
+        ),
     ]
     figures = []
     plans = {}

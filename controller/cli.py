@@ -1,4 +1,4 @@
-"""`dharma-controller`: `migrate` the schema, or `run` the service."""
+"""`dharma-controller`: `migrate` the schema, `run` the service, or manage `jobs`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controller.jobs_cli import add_jobs_parser, run_jobs
 from dharma_common.logs import configure_logging
 from dharma_common.settings import ConfigError, DatabaseSettings, load_settings
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once the queue is drained: no pending row (retries waiting for their "
         "backoff included) and nothing in flight (demo, scripts, tests)",
     )  # fmt: skip
+    add_jobs_parser(sub)
     return parser
 
 
@@ -61,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from controller.run import run_service
 
         return run_service(args.executor, args.exit_when_idle)
+    if args.command == "jobs":
+        return run_jobs(args)
     return 2
 
 

@@ -14,6 +14,7 @@ controller/reconcile.py.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import threading
 import time
 import uuid
@@ -51,6 +52,37 @@ class Launched:
     error: str | None = None
     invalid: bool = False
     foreign: bool = False
+
+
+class EventReason(str, enum.Enum):
+    """A decision of the loop about one attempt, told on its runner (`Executor.record_event`):
+    the Kubernetes executor posts it as an Event on the attempt's Job (controller/events.py),
+    so `kubectl describe job/<runner_name>` tells the attempt's story."""
+
+    CLAIMED = "Claimed"
+    RETRYING = "Retrying"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    SUCCEEDED = "Succeeded"
+
+    @property
+    def warning(self) -> bool:
+        """Events of type Warning (the others are Normal)."""
+        return self in (EventReason.RETRYING, EventReason.FAILED)
+
+    @property
+    def action(self) -> str:
+        """What the controller did (an Event's `action`)."""
+        return _EVENT_ACTIONS[self]
+
+
+_EVENT_ACTIONS = {
+    EventReason.CLAIMED: "Launch",
+    EventReason.RETRYING: "Retry",
+    EventReason.FAILED: "Fail",
+    EventReason.CANCELLED: "Cancel",
+    EventReason.SUCCEEDED: "Complete",
+}
 
 
 class Executor(Protocol):
@@ -110,6 +142,10 @@ class Executor(Protocol):
     def shutdown(self) -> list[RunnerKey]:
         """Stop observing. Kubernetes leaves Jobs running (returns []); local stops its
         processes and returns the attempts whose outcomes are to be recorded now."""
+
+    def record_event(self, key: RunnerKey, reason: EventReason, message: str) -> None:
+        """Tell what the loop decided about the attempt `key` where its runner is looked at
+        (Kubernetes: an Event on its Job). Best effort: never blocks, never raises, may drop."""
 
 
 class LaunchErrors:

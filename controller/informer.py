@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from controller.kubestate import DELETED_MARK
-from controller.threads import WatchedThread
+from controller.threads import Backoff, WatchedThread
 from dharma_common.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,11 @@ class Informer:
         return self._thread.problem()
 
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(first=0.2, cap=10.0)
         while not self._stop.is_set():
             try:
                 version = self._relist()
-                backoff = 0.2
+                backoff.reset()
                 while not self._stop.is_set():
                     version = self._watch(version)
             except Gone:
@@ -147,11 +147,10 @@ class Informer:
                         "action": "watch_lost",
                         "resource": self.resource,
                         "error": first_line(exc),
-                        "retry_in_seconds": backoff,
+                        "retry_in_seconds": backoff.delay,
                     },
                 )
-                self._stop.wait(backoff)
-                backoff = min(10.0, backoff * 2)
+                backoff.wait(self._stop)
 
     # ------------------------------------------------------------------ list & watch ---
 

@@ -15,6 +15,7 @@ Client configuration: in-cluster service account, else KUBECONFIG (or ~/.kube/co
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from controller.executor import Launched, LaunchErrors
+from controller.events import EventRecorder, build_event
+from controller.executor import EventReason, Launched, LaunchErrors
 from controller.informer import Informer
 from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
@@ -94,7 +96,9 @@ class KubernetesExecutor:
         # Any: bodies and responses are raw JSON (_preload_content=False), not models.
         self._batch: Any = client.BatchV1Api(api)
         self._core: Any = client.CoreV1Api(api)
+        self._events_api: Any = client.EventsV1Api(api)
         self._metrics = metrics
+        self._events = EventRecorder(self._post_event, metrics)
         self._pool = ThreadPoolExecutor(settings.LAUNCH_CONCURRENCY, thread_name_prefix="create")
         self._wake: Callable[[], None] = lambda: None
         self._launch_errors = LaunchErrors()
@@ -153,6 +157,7 @@ class KubernetesExecutor:
         self._wake = wake
         self.jobs.start()
         self.pods.start()
+        self._events.start()
 
     def synced(self) -> bool:
         return self.jobs.synced.is_set() and self.pods.synced.is_set()
@@ -165,6 +170,7 @@ class KubernetesExecutor:
         self.jobs.stop()
         self.pods.stop()
         self._pool.shutdown(wait=True)
+        self._events.stop(timeout=min(5.0, self._settings.KUBE_API_TIMEOUT_SECONDS))
         return []
 
     # ------------------------------------------------------------------ launching ---
@@ -275,17 +281,27 @@ class KubernetesExecutor:
     def alive(self) -> list[RunnerKey]:
         """Jobs whose runner has not ended. A pod that ended counts as ended even before the
         Job controller marks the Job (its outcome may already be recorded: deleting the Job
-        then would only lose its logs)."""
+        then would only lose its logs). Also sets the pending-runner gauges (metrics)."""
         keys = []
+        waited: list[float] = []
+        now = dt.datetime.now(dt.timezone.utc)
         for job in self.jobs.items():
             if job["metadata"].get("deletionTimestamp") or is_finished(job):
                 continue
             name = job["metadata"]["name"]
-            if observe_job(job, self._pods_of(name)).phase not in _ACTIVE:
+            seen = observe_job(job, self._pods_of(name))
+            if seen.phase not in _ACTIVE:
                 continue
             key = self._key(job)
-            if key is not None:
-                keys.append(key)
+            if key is None:
+                continue
+            keys.append(key)
+            if seen.phase is Phase.PENDING:
+                waited.append(max(0.0, (now - seen.since).total_seconds()) if seen.since else 0.0)
+        if self._metrics is not None:
+            # Here because this walk is the one place every runner is observed each pass.
+            self._metrics.runners_pending.set(len(waited))
+            self._metrics.runner_oldest_pending.set(max(waited, default=0.0))
         return keys
 
     def finished_unclaimed(self) -> list[RunnerKey]:
@@ -326,3 +342,30 @@ class KubernetesExecutor:
         """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`; only the
         memory of failed launches is released."""
         self._launch_errors.forget(key)
+
+    # ------------------------------------------------------------------ events ---
+
+    def record_event(self, key: RunnerKey, reason: EventReason, message: str) -> None:
+        """An Event on the attempt's Job, posted by the recorder's thread (controller/events.py):
+        by uid too when the cache has the Job (and it is this attempt's), else by name only."""
+        try:
+            name = self._name(key)
+            job = self.jobs.get(name)
+            uid = None
+            if job is not None and not foreign_labels(job, key, self.instance.label):
+                uid = job["metadata"].get("uid")
+            event = build_event(
+                namespace=self._settings.NAMESPACE, job_name=name, job_uid=uid, key=key,
+                instance=self.instance, reporting_instance=self._settings.identity(),
+                reason=reason, message=message, now=dt.datetime.now(dt.timezone.utc),
+            )  # fmt: skip
+        except Exception as exc:  # a bug here must not fail the loop: the Event is dropped
+            self._events.drop("error", first_line(exc), {"reason": reason.value})
+            return
+        self._events.record(event)
+
+    def _post_event(self, event: Obj) -> None:
+        self._events_api.create_namespaced_event(
+            self._settings.NAMESPACE, event, _preload_content=False,
+            _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+        )  # fmt: skip

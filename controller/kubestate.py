@@ -273,8 +273,10 @@ def trim_job(job: Obj) -> Obj:
         container = _pick(c, ("name", "image"))
         container["resources"] = {"limits": _pick(limits, ("memory",))}
         containers.append(container)
+    meta = job.get("metadata") or {}
     return {
-        "metadata": _trim_meta(job.get("metadata") or {}, _JOB_LABELS),
+        # uid: the Events about a Job name it (controller/events.py), as `kubectl describe` asks.
+        "metadata": {**_trim_meta(meta, _JOB_LABELS), **_pick(meta, ("uid",))},
         "spec": {
             "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
             "template": {"spec": {"containers": containers}},

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg2
 
-from controller.threads import WatchedThread
+from controller.threads import Backoff, WatchedThread
 from dharma_common.errors import first_line
 from dharma_common.settings import DatabaseSettings
 
@@ -58,7 +58,7 @@ class Listener:
         return self._thread.problem()
 
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(first=0.2, cap=self._max_backoff)
         while not self._stop.is_set():
             conn: Any = None
             try:
@@ -69,7 +69,7 @@ class Listener:
                 log.info(
                     "listening for notifications", extra={"action": "listening", "channel": CHANNEL}
                 )
-                backoff = 0.2
+                backoff.reset()
                 self._wake()  # anything sent while we were away is lost: look now
                 self._listen(conn)
             except psycopg2.Error as exc:
@@ -78,11 +78,10 @@ class Listener:
                     extra={
                         "action": "listen_lost",
                         "error": first_line(exc),
-                        "retry_in_seconds": round(backoff, 2),
+                        "retry_in_seconds": round(backoff.delay, 2),
                     },
                 )
-                self._stop.wait(backoff)
-                backoff = min(self._max_backoff, backoff * 2)
+                backoff.wait(self._stop)
             finally:
                 if conn is not None:
                     with contextlib.suppress(psycopg2.Error):

@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controller import procfs
-from controller.executor import Launched, LaunchErrors
+from controller.executor import EventReason, Launched, LaunchErrors
 from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.model import (
@@ -287,6 +287,11 @@ class LocalExecutor:
             runner = self._runners.pop(key, None)
         if runner is not None:
             shutil.rmtree(runner.directory, ignore_errors=True)
+
+    def record_event(self, key: RunnerKey, reason: EventReason, message: str) -> None:
+        """Nothing: a subprocess has no object to hang an Event on, and the loop already logs
+        each of these decisions (`job_claimed`, `runner_launched`, `attempt_failed`,
+        `attempt_succeeded`, `runner_swept`) with the attempt's job id."""
 
     # ------------------------------------------------------------------ monitoring ---
 

@@ -110,8 +110,30 @@ SET status = 'pending',
 WHERE id = %(job_id)s AND attempts = %(attempt)s AND status = 'processing'
   AND result_attempt IS DISTINCT FROM %(attempt)s;
 
--- name: queue_depth
-SELECT status, count(*) FROM dharma.stt_jobs GROUP BY status;
+-- name: queue_depth_live
+-- The live statuses, exactly: each count reads only its partial index (a handful of pages
+-- however long the history). Also the table's estimated size, to choose how to count the rest.
+SELECT (SELECT count(*) FROM dharma.stt_jobs WHERE status = 'pending'),
+       (SELECT count(*) FROM dharma.stt_jobs WHERE status = 'processing'),
+       (SELECT reltuples::float8 FROM pg_class WHERE oid = 'dharma.stt_jobs'::regclass);
+
+-- name: queue_depth_finished
+-- Finished rows, exactly: a sequential scan, so only while the table is small.
+SELECT status, count(*) FROM dharma.stt_jobs
+WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY status;
+
+-- name: queue_depth_finished_estimate
+-- Finished rows on a long history, from the planner's statistics (ANALYZE, which autovacuum
+-- runs as the table changes): the table's size times each status's sampled frequency.
+-- Counting them exactly was the one controller query that grew with history (121 ms at 1M
+-- rows, bench/queries.py); a gauge of history does not need to be exact to the row.
+SELECT v.status, round(c.reltuples * v.freq)::bigint
+FROM pg_class AS c,
+     pg_stats AS s,
+     unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS v(status, freq)
+WHERE c.oid = 'dharma.stt_jobs'::regclass
+  AND s.schemaname = 'dharma' AND s.tablename = 'stt_jobs' AND s.attname = 'status'
+  AND v.status IN ('completed', 'failed', 'cancelled');
 
 -- name: oldest_pending_age
 -- Seconds the longest-waiting claimable row has waited (0 when none).
@@ -135,3 +157,166 @@ WHERE status = 'pending'
 -- name: installation
 -- This database's identity (migration 0004): part of every Job's instance label and name.
 SELECT id FROM dharma.installation;
+
+-- ---------------------------------------------------------------------------------------
+-- `dharma-controller jobs ...` (controller/jobs_cli.py): the operators' commands. They never
+-- touch a row in flight except to cancel it, and each status change is one UPDATE fenced on
+-- the statuses it may start from, so a row that moved on meanwhile is left alone.
+
+-- name: jobs_list
+-- Newest first. Each filter is off when its parameter is NULL. The age comes from the
+-- database's clock, as every other time on the row.
+SELECT j.id, j.media_id, m.category_id, j.status, j.progress, j.attempts, j.attempts_base,
+       j.max_attempts, j.priority, j.runner_name, j.failure_reason, j.created_at,
+       EXTRACT(EPOCH FROM now() - j.created_at)::float8 AS age_seconds
+FROM dharma.stt_jobs AS j
+JOIN dharma.media_files AS m ON m.id = j.media_id
+WHERE (%(statuses)s::text[] IS NULL OR j.status = ANY(%(statuses)s::text[]))
+  AND (%(media_id)s::uuid IS NULL OR j.media_id = %(media_id)s::uuid)
+  AND (%(category)s::text IS NULL OR m.category_id = %(category)s::text)
+  AND (%(reason)s::text IS NULL OR j.failure_reason = %(reason)s::text)
+  AND (%(since)s::timestamptz IS NULL OR j.created_at >= %(since)s::timestamptz)
+ORDER BY j.created_at DESC, j.id DESC
+LIMIT %(limit)s;
+
+-- name: jobs_show
+SELECT j.id, j.media_id, j.status, j.priority, j.progress, j.language, j.attempts,
+       j.attempts_base, j.max_attempts, j.result_attempt, j.runner_name, j.claimed_by,
+       j.memory_limit, j.error_message, j.failure_reason, j.created_at, j.updated_at,
+       j.run_after, j.processing_started_at, j.finished_at,
+       EXTRACT(EPOCH FROM now() - j.created_at)::float8 AS age_seconds,
+       m.title, m.category_id, m.source_path, m.duration_seconds
+FROM dharma.stt_jobs AS j
+JOIN dharma.media_files AS m ON m.id = j.media_id
+WHERE j.id = %(job_id)s;
+
+-- name: jobs_of_media
+-- Every job of one media, oldest first: the media's history of runs.
+SELECT id, status, attempts, attempts_base, max_attempts, failure_reason, created_at,
+       finished_at
+FROM dharma.stt_jobs
+WHERE media_id = %(media_id)s
+ORDER BY id;
+
+-- name: jobs_media_state
+-- Does the media exist, and which of its jobs are live (one run per media: migration 0006)?
+SELECT m.id,
+       ARRAY(SELECT j.id FROM dharma.stt_jobs AS j
+             WHERE j.media_id = m.id AND j.status IN ('pending', 'processing')
+             ORDER BY j.id) AS live_jobs
+FROM dharma.media_files AS m
+WHERE m.id = %(media_id)s;
+
+-- name: jobs_backfill_candidates
+-- Media a backfill would enqueue: in the category (if given), without subtitles (if asked:
+-- no subtitle rows and no completed run — a talk with no speech completes with none, and
+-- must not be picked again every time), and never one with a live job. Newest media first.
+SELECT m.id
+FROM dharma.media_files AS m
+WHERE (%(category)s::text IS NULL OR m.category_id = %(category)s::text)
+  AND (NOT %(without_subtitles)s
+       OR (NOT EXISTS (SELECT 1 FROM dharma.subtitles AS s WHERE s.media_id = m.id)
+           AND NOT EXISTS (SELECT 1 FROM dharma.stt_jobs AS c
+                           WHERE c.media_id = m.id AND c.status = 'completed')))
+  AND NOT EXISTS (SELECT 1 FROM dharma.stt_jobs AS j
+                  WHERE j.media_id = m.id AND j.status IN ('pending', 'processing'))
+ORDER BY m.created_at DESC, m.id;
+
+-- name: jobs_enqueue_lock
+-- Serialises enqueuers of this command, so two backfills started together cannot both find
+-- a media without a live job and enqueue it twice.
+SELECT pg_advisory_xact_lock(%(lock_key)s);
+
+-- name: jobs_enqueue
+-- One job per given media, in the given order (ids follow it, and the claim takes equal
+-- priorities oldest first), skipping media that are gone or got a live job meanwhile.
+INSERT INTO dharma.stt_jobs (media_id, priority, language)
+SELECT m.id, %(priority)s, %(language)s
+FROM unnest(%(media_ids)s::uuid[]) WITH ORDINALITY AS c(id, n)
+JOIN dharma.media_files AS m ON m.id = c.id
+WHERE NOT EXISTS (SELECT 1 FROM dharma.stt_jobs AS j
+                  WHERE j.media_id = m.id AND j.status IN ('pending', 'processing'))
+ORDER BY c.n
+RETURNING id, media_id;
+
+-- name: jobs_retry
+-- Back to pending from an allowed final status; the trigger of migration 0003 starts a fresh
+-- retry budget (attempts_base) and clears the old verdict; attempts is never reset. Refused
+-- while another job of the media is live (one run per media). The row is locked first, so
+-- the status reported is the one the UPDATE started from.
+WITH old AS (
+    SELECT id, status FROM dharma.stt_jobs WHERE id = %(job_id)s FOR UPDATE
+)
+UPDATE dharma.stt_jobs AS j
+SET status = 'pending', progress = NULL
+FROM old
+WHERE j.id = old.id AND j.status = ANY(%(allowed)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM dharma.stt_jobs AS o
+                  WHERE o.media_id = j.media_id AND o.id <> j.id
+                    AND o.status IN ('pending', 'processing'))
+RETURNING old.status, j.attempts, j.attempts_base, j.max_attempts;
+
+-- name: jobs_cancel
+-- Pending or processing -> cancelled; the controller stops the attempt's runner (its fenced
+-- writes then find the row no longer theirs).
+WITH old AS (
+    SELECT id, status FROM dharma.stt_jobs WHERE id = %(job_id)s FOR UPDATE
+)
+UPDATE dharma.stt_jobs AS j
+SET status = 'cancelled', finished_at = now()
+FROM old
+WHERE j.id = old.id AND j.status IN ('pending', 'processing')
+RETURNING old.status, j.attempts;
+
+-- name: jobs_refusal
+-- Why a retry or cancel did not apply: the row's status and its media's other live jobs.
+SELECT j.status,
+       ARRAY(SELECT o.id FROM dharma.stt_jobs AS o
+             WHERE o.media_id = j.media_id AND o.id <> j.id
+               AND o.status IN ('pending', 'processing')
+             ORDER BY o.id) AS live_siblings
+FROM dharma.stt_jobs AS j
+WHERE j.id = %(job_id)s;
+
+-- ---------------------------------------------------------------------------------------
+-- The status page (controller/status_page.py, STATUS_PAGE_ENABLED): read-only, all in one
+-- short READ ONLY transaction per request (with queue_depth_* and oldest_pending_age above).
+-- Each reads an index of its own, so a page costs the same on a year of history: live rows
+-- through their partial indexes, finished ones through stt_jobs_finished_idx (migration 0007)
+-- bounded by a window on finished_at and a LIMIT.
+
+-- name: status_inflight
+-- Rows in flight with their media (stt_jobs_processing_idx: at most MAX_CONCURRENT_JOBS).
+SELECT j.id, j.media_id, m.title, m.category_id, j.attempts, j.attempts_base, j.max_attempts,
+       j.progress, j.runner_name, j.claimed_by,
+       EXTRACT(EPOCH FROM now() - j.processing_started_at)::float8 AS running_seconds
+FROM dharma.stt_jobs AS j
+JOIN dharma.media_files AS m ON m.id = j.media_id
+WHERE j.status = 'processing'
+ORDER BY j.id
+LIMIT %(limit)s;
+
+-- name: status_failures
+-- The latest failures, newest first, within the window (stt_jobs_finished_idx read
+-- backwards: it stops after LIMIT rows).
+SELECT j.id, j.media_id, m.title, j.failure_reason, j.error_message, j.attempts,
+       j.attempts_base, j.max_attempts, j.runner_name,
+       EXTRACT(EPOCH FROM now() - j.finished_at)::float8 AS ago_seconds
+FROM dharma.stt_jobs AS j
+JOIN dharma.media_files AS m ON m.id = j.media_id
+WHERE j.status = 'failed' AND j.finished_at >= now() - make_interval(secs => %(window)s)
+ORDER BY j.finished_at DESC
+LIMIT %(limit)s;
+
+-- name: status_throughput
+-- Completed and failed rows per interval of the window, by when they finished (bucket 0:
+-- the latest interval). Intervals with none are not returned.
+SELECT LEAST(floor(EXTRACT(EPOCH FROM now() - finished_at) / %(bucket)s)::int,
+             %(buckets)s::int - 1) AS bucket,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+FROM dharma.stt_jobs
+WHERE finished_at >= now() - make_interval(secs => %(window)s)
+  AND status IN ('completed', 'failed')
+GROUP BY 1
+ORDER BY 1;

@@ -64,6 +64,12 @@ def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
     limit_malloc_arenas()  # before the executor starts its threads
     leader: Leadership | None = None
     metrics = Metrics()
+    if settings.STATUS_PAGE_ENABLED:
+        if not settings.METRICS_PORT:
+            return _fail("STATUS_PAGE_ENABLED=true needs METRICS_PORT (the page is served there)")
+        from controller.status_page import PATH, StatusPage
+
+        metrics.pages[PATH] = StatusPage(settings).page
     faults = FaultHooks.from_environment()  # None in production
     executor: Executor
     if settings.EXECUTOR == "local":

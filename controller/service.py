@@ -34,7 +34,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from controller.executor import Clock, Executor, Launched, QueueStore, SystemClock, WakeSource
+from controller.executor import (
+    Clock,
+    EventReason,
+    Executor,
+    Launched,
+    QueueStore,
+    SystemClock,
+    WakeSource,
+)
 from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.listener import Listener
@@ -53,6 +61,7 @@ from controller.reconcile import (
 )
 from controller.settings import ControllerSettings
 from controller.store import DatabaseUnavailable, MissingInstallation, Store
+from controller.threads import Backoff
 from dharma_common.contract import JobStatus
 from dharma_common.logs import log_context
 
@@ -160,7 +169,7 @@ class Service:
         controller/jobspec.py `Instance`) before it watches anything: which Jobs are ours is
         decided by the database we serve, so it is read first. Retried while the database is
         unreachable or not migrated yet (the probes say why); False if stopped meanwhile."""
-        backoff = 0.5
+        backoff = Backoff(first=0.5, cap=30.0)
         while not self._stopping.is_set():
             self.health.beat()
             try:
@@ -172,11 +181,10 @@ class Service:
                     extra={
                         "action": "installation_unreadable",
                         "error": str(exc),
-                        "retry_in_seconds": backoff,
+                        "retry_in_seconds": backoff.delay,
                     },
                 )
-                self._stopping.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+                backoff.wait(self._stopping)
                 continue
             instance = Instance(self.settings.INSTANCE_NAME, installation)
             self.executor.bind(instance)
@@ -188,10 +196,12 @@ class Service:
         return False
 
     def _loop(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(first=0.5, cap=30.0)
         timeout = 0.0
         while not self._stopping.is_set():
-            self._wake.wait(timeout)
+            if self._wake.wait(timeout) and self.settings.WAKE_DEBOUNCE_SECONDS:
+                # Coalesce: the rest of a burst of wake-ups lands in this pass.
+                self._stopping.wait(self.settings.WAKE_DEBOUNCE_SECONDS)
             self._wake.clear()
             self.health.beat()
             if self._stopping.is_set():
@@ -210,22 +220,20 @@ class Service:
                     extra={
                         "action": "database_unavailable",
                         "error": str(exc),
-                        "retry_in_seconds": backoff,
+                        "retry_in_seconds": backoff.delay,
                     },
                 )
-                self._stopping.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+                backoff.wait(self._stopping)
                 timeout = 0.0
                 continue
             except Exception:
                 # A bug or an unexpected API answer must not kill the service: say so, back
                 # off, and try again with fresh state (everything is re-read each pass).
                 log.exception("reconcile pass failed; retrying", extra={"action": "pass_failed"})
-                self._stopping.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+                backoff.wait(self._stopping)
                 timeout = 0.0
                 continue
-            backoff = 0.5
+            backoff.reset()
             self.health.not_ready = None
             if idle:
                 log.info(
@@ -277,7 +285,8 @@ class Service:
         # its pods, the largest CPU cost of a pass at high throughput.
         alive = self.executor.alive()
         self._sweep({row.key for row in rows}, alive)
-        if not self._stopping.is_set():
+        claimed = not self._stopping.is_set()
+        if claimed:
             self._claim()
         self.metrics.in_flight.set(len(alive))
         next_due = self.store.next_due()
@@ -291,6 +300,10 @@ class Service:
                 and not alive
                 and not self.executor.finished_unclaimed()
             )
+        if claimed and next_due is not None and next_due <= 0:
+            # Due rows the claim just left: the cap is reached. A runner's end wakes the
+            # loop (its watch event or NOTIFY), so waiting for "due now" would only spin.
+            next_due = None
         return idle, next_due
 
     def _queue_metrics(self) -> None:
@@ -348,6 +361,9 @@ class Service:
                 "runner launched",
                 extra={"action": "runner_launched", "runner_name": result.runner_name},
             )
+            limit = row.memory_limit or self.settings.RUNNER_MEMORY_LIMIT
+            told = f"attempt {row.attempt_number} of {row.max_attempts}, memory limit {limit}"
+            self.executor.record_event(row.key, EventReason.CLAIMED, f"claimed: {told}")
         else:
             log.info(
                 "row moved on before its runner was recorded; stopping the runner",
@@ -408,6 +424,8 @@ class Service:
                 "attempt succeeded",
                 extra={"action": "attempt_succeeded", "runner_name": row.runner_name},
             )
+            told = f"attempt {row.attempt_number} of {row.max_attempts} succeeded"
+            self.executor.record_event(row.key, EventReason.SUCCEEDED, told)
         else:
             log.info("row moved on; success not recorded", extra={"action": "success_not_recorded"})
         self.executor.forget(row.key)
@@ -433,6 +451,8 @@ class Service:
                 extra={"action": "attempt_failed", "failure_reason": reason, "error": plan.message,
                        "retry": isinstance(plan, Retry), "runner_name": row.runner_name},
             )  # fmt: skip
+            told = EventReason.RETRYING if isinstance(plan, Retry) else EventReason.FAILED
+            self.executor.record_event(row.key, told, f"{reason}: {plan.message}")
         else:
             log.info(
                 "row moved on; failure not recorded",
@@ -478,6 +498,9 @@ class Service:
                            "row_attempts": owner[1] if owner else None,
                            "row_deleted": owner is None},
                 )  # fmt: skip
+                if why is StopReason.CANCELLED:
+                    told = "the job was cancelled; stopping its runner"
+                    self.executor.record_event(key, EventReason.CANCELLED, told)
                 self.executor.delete(key)
             self.metrics.deleted.labels(why=why.value).inc()
         for key in finished:

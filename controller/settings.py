@@ -62,6 +62,10 @@ class ControllerSettings(DatabaseSettings):
     CLAIM_BATCH_SIZE: int = Field(default=50, ge=1, le=1000)
     #: Safety-net poll; LISTEN/NOTIFY wakes the controller at once in the normal case.
     POLL_INTERVAL_SECONDS: float = Field(default=10.0, gt=0)
+    #: After a wake-up (a NOTIFY, a watch event), wait this long before the pass, so the
+    #: wake-ups of a steady feed (one per row, several per Job) share one pass. Bounded by
+    #: the 1 s INSERT-to-Job latency target; 0 runs a pass per wake-up.
+    WAKE_DEBOUNCE_SECONDS: float = Field(default=0.1, ge=0, le=1)
     RETRY_BASE_SECONDS: float = Field(default=30.0, ge=0)
     RETRY_MAX_SECONDS: float = Field(default=3600.0, ge=0)
     #: A runner pod still Pending (image pull errors, unschedulable) this long fails the attempt.
@@ -72,6 +76,8 @@ class ControllerSettings(DatabaseSettings):
     LOG_LEVEL: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     #: Prometheus metrics, /healthz and /readyz (0: no HTTP endpoint).
     METRICS_PORT: int = Field(default=9090, ge=0, le=65535)
+    #: A read-only HTML status page at /status on METRICS_PORT (controller/status_page.py).
+    STATUS_PAGE_ENABLED: bool = False
     #: This replica's identity (the pod name in Kubernetes); empty means the host name.
     POD_NAME: str = Field(default="", max_length=253)
     #: How often queue depth and oldest-pending age are sampled for /metrics.

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: pg_advisory_xact_lock key of the claim transaction ("dhmc").
 CLAIM_LOCK_KEY = 0x6468_6D63
+#: Up to this many rows (the planner's estimate) the queue gauge counts finished rows
+#: exactly: a sequential scan of ~10 ms at 100,000 rows (bench/queries.py), every
+#: QUEUE_METRICS_INTERVAL_SECONDS. Beyond, it estimates them from the table's statistics.
+EXACT_DEPTH_ROWS = 100_000
 
 
 class DatabaseUnavailable(Exception):
@@ -57,6 +61,18 @@ def _row(values: Sequence[Any]) -> JobRow:
         claimed_by=claimed_by,
         attempts_base=attempts_base,
     )
+
+
+def read_queue_depth(cur: Any) -> tuple[dict[JobStatus, int], bool]:
+    """Rows per status (statuses with none left out) on an open cursor, and whether the
+    finished ones were counted exactly (see `Store.queue_depth`; the status page shares it)."""
+    cur.execute(Q["queue_depth_live"])
+    pending, processing, size = cur.fetchone()
+    depth = {JobStatus.PENDING: pending, JobStatus.PROCESSING: processing}
+    exact = size is None or size < EXACT_DEPTH_ROWS  # -1: never analysed
+    cur.execute(Q["queue_depth_finished" if exact else "queue_depth_finished_estimate"])
+    depth.update((JobStatus(status), count) for status, count in cur.fetchall())
+    return {status: count for status, count in depth.items() if count}, exact
 
 
 class Store:
@@ -142,9 +158,10 @@ class Store:
             }
 
     def queue_depth(self) -> dict[JobStatus, int]:
+        """Rows per status: pending and processing exactly; finished ones exactly while the
+        table holds fewer than EXACT_DEPTH_ROWS rows, estimated from statistics beyond."""
         with self._tx() as cur:
-            cur.execute(Q["queue_depth"])
-            return {JobStatus(status): count for status, count in cur.fetchall()}
+            return read_queue_depth(cur)[0]
 
     def oldest_pending_age(self) -> float:
         with self._tx() as cur:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.executor import Launched, LaunchErrors
+from controller.executor import EventReason, Launched, LaunchErrors
 from controller.jobspec import Instance, LaunchSpec
 from controller.model import REASON_CONTROLLER_RESTARTED, JobRow, Observation, Phase, RunnerKey
 from controller.reconcile import FailureReason
@@ -346,7 +346,9 @@ class FakeExecutor:
     - `finished`: attempts whose outcome the executor keeps until `forget`;
     - `abandoned`: what `observe_abandoned` reports (default: FAILED, ControllerRestarted);
     - `calls`: ("launch", [keys]), ("verify_gone", key), ("delete", key), ("forget", key),
-      ("bind", instance), ("start",), ("shutdown",) in order.
+      ("bind", instance), ("start",), ("shutdown",) in order;
+    - `events`: (key, reason, message) of each `record_event`, in order (apart from `calls`,
+      so tables of calls need not list them).
     """
 
     clock: FakeClock = field(default_factory=FakeClock)
@@ -360,6 +362,7 @@ class FakeExecutor:
     abandoned: dict[int, Observation] = field(default_factory=dict)
     stopped_on_shutdown: list[RunnerKey] = field(default_factory=list)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[tuple[RunnerKey, EventReason, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     is_synced: bool = True
 
@@ -439,3 +442,6 @@ class FakeExecutor:
             if key not in self.finished:
                 self.finished.append(key)
         return list(self.stopped_on_shutdown)
+
+    def record_event(self, key: RunnerKey, reason: EventReason, message: str) -> None:
+        self.events.append((key, reason, message))

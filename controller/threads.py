@@ -59,3 +59,22 @@ class WatchedThread:
                 exc_info=True,
                 extra={"action": "thread_died", "thread_name": self.name, "error": self._error},
             )
+
+
+class Backoff:
+    """A capped exponential delay between retries of something that failed (a lost database,
+    watch or LISTEN connection): `first`, twice that, ... up to `cap`; `reset()` after a
+    success. One class, so every loop of the controller retries the same way."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap = first, cap
+        #: The delay the next `wait` sleeps (what log lines report as `retry_in_seconds`).
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def wait(self, stop: threading.Event) -> None:
+        """Sleep the current delay (less if `stop` is set meanwhile), then double it."""
+        stop.wait(self.delay)
+        self.delay = min(self.cap, self.delay * 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -109,48 +110,59 @@ def _patched(source: Path, path: Path, patch: tuple[bytes, int, bytes]) -> Path:
     return path
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncated_mp4(directory: Path) -> Path:
+    full = make_media("h264_aac_mp4_no_faststart", directory)
+    data = full.read_bytes()
+    return _write(directory / "truncated.mp4", data[: len(data) // 2])  # moov is at the end
+
+
+def _no_streams_mkv(directory: Path) -> Path:
+    """A valid Matroska file whose only stream is a subtitle track: no sound, no picture."""
+    path = directory / "subtitles-only.mkv"
+    srt = directory / "subtitles-only.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:05,000\nA caption with nothing to caption\n")
+    subprocess.run([*_FF, "-i", str(srt), "-c:s", "srt", str(path)], check=True,
+                   capture_output=True)  # fmt: skip
+    return path
+
+
+#: The kinds that are not an FFmpeg recipe (RECIPES): hand-made, or a recipe's output patched.
+#: Matroska's Segment Duration element is ID 0x4489, an 8-byte float in milliseconds.
+_SPECIAL: dict[str, Callable[[Path], Path]] = {
+    "empty": lambda d: _write(d / "empty.mp4", b""),
+    "garbage": lambda d: _write(d / "garbage.mp4", bytes(range(256)) * 64),
+    "text": lambda d: _write(d / "notes.mp4", b"These are lecture notes, not a video.\n" * 20),
+    "truncated_mp4": _truncated_mp4,
+    "no_streams_mkv": _no_streams_mkv,
+    # A 6-second MKV whose Segment Duration says 10 hours.
+    "huge_duration_mkv": lambda d: _patched(
+        make_media("h264_mp3_mkv", d),
+        d / "ten-hours.mkv",
+        (b"\x44\x89\x88", 0, struct.pack(">d", 36_000_000.0)),
+    ),
+    # The same lie, but under the limit (2 hours): the real duration must be recorded.
+    "lying_duration_mkv": lambda d: _patched(
+        make_media("h264_mp3_mkv", d),
+        d / "two-hours.mkv",
+        (b"\x44\x89\x88", 0, struct.pack(">d", 7_200_000.0)),
+    ),
+    # A WAV whose data chunk claims 2 GiB (18.6 hours of 16 kHz mono) but holds 11 s.
+    "lying_wav": lambda d: _patched(
+        make_media("audio_wav", d), d / "liar.wav", (b"data", 0, struct.pack("<I", 0x7FFFFFF0))
+    ),
+}
+
+
 def make_media(kind: str, directory: Path) -> Path:
     """Generate (or reuse) one kind of test file in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    if kind == "empty":
-        path = directory / "empty.mp4"
-        path.write_bytes(b"")
-        return path
-    if kind == "garbage":
-        path = directory / "garbage.mp4"
-        path.write_bytes(bytes(range(256)) * 64)
-        return path
-    if kind == "text":
-        path = directory / "notes.mp4"
-        path.write_text("These are lecture notes, not a video.\n" * 20)
-        return path
-    if kind == "truncated_mp4":
-        full = make_media("h264_aac_mp4_no_faststart", directory)
-        path = directory / "truncated.mp4"
-        data = full.read_bytes()
-        path.write_bytes(data[: len(data) // 2])  # moov is at the end: cut it off
-        return path
-    if kind == "no_streams_mkv":
-        # A valid Matroska file whose only stream is a subtitle track: no sound, no picture.
-        path = directory / "subtitles-only.mkv"
-        srt = directory / "subtitles-only.srt"
-        srt.write_text("1\n00:00:00,000 --> 00:00:05,000\nA caption with nothing to caption\n")
-        subprocess.run([*_FF, "-i", str(srt), "-c:s", "srt", str(path)], check=True,
-                       capture_output=True)  # fmt: skip
-        return path
-    if kind == "huge_duration_mkv":
-        # An 6-second MKV whose Segment Duration element (ID 0x4489, 8-byte float, in
-        # milliseconds) says 10 hours.
-        return _patched(make_media("h264_mp3_mkv", directory), directory / "ten-hours.mkv",
-                        (b"\x44\x89\x88", 0, struct.pack(">d", 36_000_000.0)))  # fmt: skip
-    if kind == "lying_duration_mkv":
-        # The same lie, but under the limit (2 hours): the real duration must be recorded.
-        return _patched(make_media("h264_mp3_mkv", directory), directory / "two-hours.mkv",
-                        (b"\x44\x89\x88", 0, struct.pack(">d", 7_200_000.0)))  # fmt: skip
-    if kind == "lying_wav":
-        # A WAV whose data chunk claims 2 GiB (18.6 hours of 16 kHz mono) but holds 11 s.
-        return _patched(make_media("audio_wav", directory), directory / "liar.wav",
-                        (b"data", 0, struct.pack("<I", 0x7FFFFFF0)))  # fmt: skip
+    if kind in _SPECIAL:
+        return _SPECIAL[kind](directory)
     if kind == "h264_aac_mp4_no_faststart":
         name, args = "nofaststart.mp4", RECIPES["h264_aac_mp4"][1]
     else:
@@ -198,6 +210,53 @@ def make_spoken_talk(directory: Path, seconds: int, period: float = 12.5) -> Pat
             check=True, capture_output=True,
         )  # fmt: skip
         unit.unlink()
+    return path
+
+
+#: Mandarin sentences spoken by espeak-ng, in Simplified script. Chosen so that many of
+#: their characters differ between Simplified and Traditional (学/學, 这/這, 经/經): a
+#: transcript's script shows in them. The voice matters: Debian's `cmn` voice turns
+#: characters into pinyin and then reads the pinyin as English ("jin wan"), which whisper
+#: cannot understand; `cmn-latn-pinyin` reads the same pinyin as Mandarin.
+MANDARIN_SENTENCES = (
+    "今天我们学习佛经。",
+    "这个问题很重要，请大家认真听讲。",
+    "我们应该怎样对待自己的烦恼呢？",
+    "学习佛法需要耐心和恒心。",
+)
+
+
+def make_mandarin_speech(directory: Path, sentences: tuple[str, ...] = MANDARIN_SENTENCES) -> Path:
+    """A WAV (16 kHz mono) of `sentences` spoken in Mandarin by espeak-ng, each followed by
+    0.6 s of silence. Needs Debian's `espeak-ng` (scripts/bootstrap installs it)."""
+    import hashlib
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    key = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
+    path = directory / f"mandarin-{key}.wav"
+    if path.exists():
+        return path
+    parts = []
+    for number, sentence in enumerate(sentences):
+        raw = directory / f"mandarin-{key}-{number}.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", "cmn-latn-pinyin", "-s", "150", "-w", str(raw), sentence],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        parts.append(raw)
+    inputs = [arg for part in parts for arg in ("-i", str(part))]
+    chain = "".join(f"[{n}:a]apad=pad_dur=0.6[a{n}];" for n in range(len(parts)))
+    chain += "".join(f"[a{n}]" for n in range(len(parts)))
+    chain += f"concat=n={len(parts)}:v=0:a=1[out]"
+    subprocess.run(
+        [*_FF, *inputs, "-filter_complex", chain, "-map", "[out]", "-ar", "16000", "-ac", "1",
+         "-c:a", "pcm_s16le", str(path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    for part in parts:
+        part.unlink()
     return path
 
 

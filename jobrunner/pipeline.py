@@ -38,9 +38,10 @@ from jobrunner.plan import (
     stale_segments,
 )
 from jobrunner.probe import check_usable, parse_probe, run_ffprobe
+from jobrunner.script import Speech, check_prompt, convert_segments, parse_language
 from jobrunner.settings import RunnerSettings
-from jobrunner.store import RunnerStore
-from jobrunner.subtitles import clean_segments, render_webvtt
+from jobrunner.store import Attempt, RunnerStore
+from jobrunner.subtitles import Segment, clean_segments, render_webvtt
 from jobrunner.transcribe import Transcriber, WhisperCpp, check_language
 from jobrunner.webdav import WebDAVClient
 
@@ -316,7 +317,7 @@ def run_attempt(
             with log_context(media_id=str(job.media_id)):
                 layout = ArtifactLayout.for_media(job.category_id, job.created_at, job.media_id)
                 source = dav_segments(job.source_path, "media source_path")
-                language = check_language(job.language or settings.WHISPER_LANGUAGE)
+                speech = job_speech(settings, job)
                 settings.SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
                 scratch = Path(
                     tempfile.mkdtemp(
@@ -328,13 +329,88 @@ def run_attempt(
                         scratch, source_extension(job.source_path), run_name(job_id, attempt)
                     )
                     _process(
-                        settings, store, stop, ws, layout, source, language,
+                        settings, store, stop, ws, layout, source, speech,
                         make_transcriber,
                     )  # fmt: skip
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
         finally:
             store.close()
+
+
+def job_speech(settings: RunnerSettings, job: Attempt) -> Speech:
+    """The job's language (its own, else WHISPER_LANGUAGE), script (the tag's, else
+    CHINESE_SCRIPT; as written for languages other than Chinese) and prompt (its own
+    `initial_prompt`, else WHISPER_PROMPTS for its language). A bad value is permanent."""
+    chosen = parse_language(job.language or settings.WHISPER_LANGUAGE)
+    language = check_language(chosen.whisper)
+    script = chosen.script_for(settings.CHINESE_SCRIPT)
+    if job.initial_prompt is not None:
+        prompt = check_prompt(job.initial_prompt, "the job's initial_prompt")
+        return Speech(language, script, prompt, "job")
+    prompt = settings.WHISPER_PROMPTS.get(language, "")
+    return Speech(language, script, prompt, "setting" if prompt else "none")
+
+
+def _transcribe(
+    settings: RunnerSettings,
+    store: RunnerStore,
+    stop: _Stop,
+    pcm: Path,
+    speech: Speech,
+    make_transcriber: Callable[[], Transcriber],
+    timings: dict[str, float],
+) -> list[Segment]:
+    """whisper over the extracted audio, with fenced progress writes; a stop (SIGTERM, a
+    lost row) seen during the run ends the attempt with its error."""
+    model = make_transcriber()
+    log.info("transcription started", extra={"action": "transcription_started"})
+    done = _timed(timings, "transcribe")
+    with _Progress(store, stop, settings.PROGRESS_INTERVAL_SECONDS) as progress:
+        stop.in_native = True
+        try:
+            segments = model.transcribe(
+                pcm, speech.language, lambda f: progress.update(f * _TRANSCRIBE_SHARE), stop,
+                prompt=speech.prompt,
+            )  # fmt: skip
+        finally:
+            stop.in_native = False
+    done()
+    if stop.reason is not None:
+        raise stop.error(stop.reason)
+    return segments
+
+
+def _subtitles(
+    segments: list[Segment], duration: float, speech: Speech, vtt: Path
+) -> list[Segment]:
+    """Clean whisper's segments, convert them to the job's script, and write the WebVTT
+    file. Converted once, here: the subtitle rows and the WebVTT file are the same text."""
+    cleaned = convert_segments(clean_segments(segments, int(duration * 1000)), speech.script)
+    vtt.write_text(render_webvtt(cleaned), encoding="utf-8")
+    return cleaned
+
+
+def _upload(
+    settings: RunnerSettings,
+    store: RunnerStore,
+    stop: _Stop,
+    dav: WebDAVClient,
+    ws: Workspace,
+    layout: ArtifactLayout,
+    timings: dict[str, float],
+) -> None:
+    """Every artifact to WebDAV, fenced (`upload_artifacts`), if the row is still ours."""
+    if not store.still_owned():
+        raise FencedOut("the job is no longer owned by this attempt; nothing was uploaded")
+    done = _timed(timings, "upload")
+    fence = _Fence(store, stop, settings.PROGRESS_INTERVAL_SECONDS)
+    uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY, fence)
+    done()
+    log.info(
+        "artifacts uploaded",
+        extra={"action": "artifacts_uploaded", "files": uploaded, "seconds": timings["upload"]},
+    )
 
 
 def _process(
@@ -344,7 +420,7 @@ def _process(
     ws: Workspace,
     layout: ArtifactLayout,
     source: list[str],
-    language: str,
+    speech: Speech,
     make_transcriber: Callable[[], Transcriber],
 ) -> None:
     timings: dict[str, float] = {}
@@ -358,7 +434,14 @@ def _process(
     )
     log.info(
         "attempt started",
-        extra={"action": "run_started", "source": url_path(source), "language": language},
+        extra={
+            "action": "run_started",
+            "source": url_path(source),
+            "language": speech.language,
+            "script": speech.script.value,
+            "prompt_origin": speech.prompt_origin,
+            "prompt_chars": len(speech.prompt),
+        },
     )
 
     done = _timed(timings, "download")
@@ -415,20 +498,8 @@ def _process(
                 extra={"action": "source_converted", "seconds": timings["encode"]},
             )
         if plan.pcm is not None:
-            model = make_transcriber()
-            log.info("transcription started", extra={"action": "transcription_started"})
-            t_done = _timed(timings, "transcribe")
-            with _Progress(store, stop, settings.PROGRESS_INTERVAL_SECONDS) as progress:
-                stop.in_native = True
-                try:
-                    segments = model.transcribe(
-                        ws.pcm, language, lambda f: progress.update(f * _TRANSCRIBE_SHARE), stop
-                    )
-                finally:
-                    stop.in_native = False
-            t_done()
-            if stop.reason is not None:
-                raise stop.error(stop.reason)
+            segments = _transcribe(settings, store, stop, ws.pcm, speech, make_transcriber,
+                                   timings)  # fmt: skip
         if overlap:
             main.wait()
             done()
@@ -445,20 +516,9 @@ def _process(
     out_info = parse_probe(run_ffprobe(ws.video if info.video else ws.audio))
     done()
     duration = out_info.duration or info.duration
-    cleaned = clean_segments(segments, int(duration * 1000))
-    ws.vtt.write_text(render_webvtt(cleaned), encoding="utf-8")
+    cleaned = _subtitles(segments, duration, speech, ws.vtt)
 
-    if not store.still_owned():
-        raise FencedOut("the job is no longer owned by this attempt; nothing was uploaded")
-    done = _timed(timings, "upload")
-    fence = _Fence(store, stop, settings.PROGRESS_INTERVAL_SECONDS)
-    uploaded = upload_artifacts(dav, ws, layout, settings.UPLOAD_CONCURRENCY, fence)
-    done()
-    log.info(
-        "artifacts uploaded",
-        extra={"action": "artifacts_uploaded", "files": uploaded, "seconds": timings["upload"]},
-    )
-
+    _upload(settings, store, stop, dav, ws, layout, timings)
     store.commit_results(layout.media_id, cleaned, duration)
     peak = peak_rss_bytes()
     log.info(

@@ -2,7 +2,8 @@
 -- an attempt that no longer owns the row changes nothing.
 
 -- name: load_attempt
-SELECT j.status, j.attempts, j.language, m.id, m.category_id, m.created_at, m.source_path
+SELECT j.status, j.attempts, j.language, m.id, m.category_id, m.created_at, m.source_path,
+       j.initial_prompt
 FROM dharma.stt_jobs j
 JOIN dharma.media_files m ON m.id = j.media_id
 WHERE j.id = %(job_id)s;

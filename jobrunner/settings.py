@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from dharma_common.settings import DatabaseSettings
+from jobrunner.errors import PermanentError
+from jobrunner.script import Script, check_prompt, parse_language
 
 _BITRATE = r"^[1-9][0-9]*[kKmM]?$"
+#: whisper's initial prompt per language unless WHISPER_PROMPTS says otherwise: a short
+#: Simplified sentence with full-width punctuation, whose script and punctuation whisper's
+#: Chinese output follows (docs/performance.md, "Chinese script and prompts").
+DEFAULT_PROMPTS = {"zh": "以下是普通话的句子，使用简体中文和标点符号。"}
 
 
 def available_cpus() -> int:
@@ -39,7 +48,16 @@ class RunnerSettings(DatabaseSettings):
     HLS_SHARD_SECONDS: int = Field(default=6, ge=1, le=60)
     AUDIO_BITRATE: str = Field(default="128k", pattern=_BITRATE)
     WHISPER_MODEL: Path = Path("/models/ggml-base.bin")
-    WHISPER_LANGUAGE: str = Field(default="zh", pattern=r"^([a-z]{2,3}|auto|haw|yue)$")
+    #: A whisper language, or a Chinese tag naming the script (zh-Hans, zh-TW; script.py).
+    WHISPER_LANGUAGE: str = "zh"
+    #: The script Chinese transcripts are written in when the language tag names none
+    #: (jobrunner/script.py; docs/performance.md "Chinese script and prompts").
+    CHINESE_SCRIPT: Script = Script.SIMPLIFIED
+    #: whisper's initial prompt per language, JSON {"zh": "..."}; a job's `initial_prompt`
+    #: column wins; a language not listed gets none.
+    WHISPER_PROMPTS: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_PROMPTS)
+    )
     WHISPER_THREADS: int = Field(default_factory=available_cpus, ge=1, le=256)
     #: x264 speed/size trade-off for sources that must be re-encoded (bench/pipeline.py).
     X264_PRESET: str = Field(
@@ -51,7 +69,7 @@ class RunnerSettings(DatabaseSettings):
     #: The longest stretch of audio whisper is given at once; windows end at a pause near
     #: it (jobrunner/windows.py). It bounds the runner's memory, whatever the talk's length:
     #: about 4 MB per minute of window (docs/performance.md, long talks).
-    WHISPER_WINDOW_SECONDS: int = Field(default=600, ge=30, le=3600)
+    WHISPER_WINDOW_SECONDS: int = Field(default=300, ge=30, le=3600)
     #: Transcribe while x264 re-encodes the video (True) or after it (False). Stream-copy and
     #: audio-only runs always overlap: their FFmpeg pass is light. bench/tuning.py table 1.
     OVERLAP_VIDEO_ENCODE: bool = False
@@ -64,6 +82,39 @@ class RunnerSettings(DatabaseSettings):
     HTTP_BACKOFF_SECONDS: float = Field(default=1.0, ge=0.0)
     UPLOAD_CONCURRENCY: int = Field(default=4, ge=1, le=32)
     LOG_LEVEL: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("WHISPER_LANGUAGE")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        parse_language(value)  # a LanguageError is a ValueError naming the value
+        return value
+
+    @field_validator("WHISPER_PROMPTS", mode="before")
+    @classmethod
+    def _prompts_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f'must be JSON ({exc}), e.g. {{"zh": "以下是普通话的句子。"}}'
+                ) from None
+        return value
+
+    @field_validator("WHISPER_PROMPTS")
+    @classmethod
+    def _prompts(cls, value: dict[str, str]) -> dict[str, str]:
+        for language, prompt in value.items():
+            parsed = parse_language(language)
+            if parsed.script is not None or parsed.whisper == "auto":
+                raise ValueError(f"{language!r}: keys are whisper languages such as zh or en")
+            try:
+                check_prompt(prompt, f"the prompt for {language!r}")
+            except PermanentError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("WEBDAV_BASE_URL")
     @classmethod

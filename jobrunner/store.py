@@ -50,6 +50,8 @@ class Attempt:
     created_at: dt.datetime
     source_path: str
     language: str | None
+    #: The job's own prompt for whisper (migration 0008); None: WHISPER_PROMPTS decides.
+    initial_prompt: str | None = None
 
 
 class RunnerStore:
@@ -80,15 +82,16 @@ class RunnerStore:
             row = cur.fetchone()
         if row is None:
             raise PermanentError(f"job {self.job_id} does not exist in dharma.stt_jobs")
-        status, attempts, language, media_id, category_id, created_at, source_path = row
+        status, attempts, language, media_id, category_id, created_at, source_path, prompt = row
         if status != JobStatus.PROCESSING or attempts != self.attempt:
             raise FencedOut(
                 f"job {self.job_id} is {status} at attempt {attempts}; attempt {self.attempt} "
                 "no longer owns it, so it changes nothing"
             )
         return Attempt(
-            self.job_id, self.attempt, media_id, category_id, created_at, source_path, language
-        )
+            self.job_id, self.attempt, media_id, category_id, created_at, source_path, language,
+            prompt,
+        )  # fmt: skip
 
     def still_owned(self) -> bool:
         """Cheap fence check before side effects outside the database (uploads)."""

@@ -38,6 +38,7 @@ class Transcriber(Protocol):
         language: str,
         on_progress: Callable[[float], None],
         should_abort: Callable[[], bool],
+        prompt: str = "",
     ) -> list[Segment]: ...
 
 
@@ -126,12 +127,19 @@ class WhisperCpp:
         language: str,
         on_progress: Callable[[float], None],
         should_abort: Callable[[], bool],
+        prompt: str = "",
     ) -> list[Segment]:
         """Transcribe a 16 kHz mono s16le file window by window (jobrunner/windows.py), so
         memory does not grow with the talk's length. Each window is decoded with the end of
         the previous window's tokens as its context, exactly as whisper.cpp carries them
         between its own 30 s frames (the first window starts with none, so nothing leaks
-        from an earlier talk)."""
+        from an earlier talk).
+
+        `prompt` (jobrunner/script.py: the job's or the language's initial prompt) is given
+        to the first window only: it starts that window's context, and the later windows
+        inherit it through the carried tokens. Given again, whisper.cpp would prepend it to
+        the carried context of every window (its `initial_prompt` is added to, not
+        replacing, the context of a previous call)."""
         levels = pcm_levels(pcm)
         if levels.size == 0:
             return []
@@ -154,6 +162,8 @@ class WhisperCpp:
                 "beam_size": params.beam_search["beam_size"] if self.beam_size else 0,
                 "windows": len(windows),
                 "window_seconds": self.cuts.max_frames * FRAME_MS // 1000,
+                "language": language,
+                "prompt_chars": len(prompt),
             },
         )
         buffers = WindowBuffers(max(w.end_sample - w.start_sample for w in windows))
@@ -163,8 +173,9 @@ class WhisperCpp:
                 break
             audio = buffers.read(pcm, window.start_sample, window.end_sample)
             found = self._transcribe_window(
-                audio, window, language, number > 0, total_ms, on_progress, should_abort
-            )
+                audio, window, language, number > 0, total_ms, on_progress, should_abort,
+                prompt="" if number else prompt,
+            )  # fmt: skip
             segments += to_talk_time(found, window)
         del buffers
         kept = drop_silent(segments, levels, SILENCE_DBFS)
@@ -184,6 +195,7 @@ class WhisperCpp:
         total_ms: int,
         on_progress: Callable[[float], None],
         should_abort: Callable[[], bool],
+        prompt: str = "",
     ) -> list[Segment]:
         """One whisper.cpp run over one window's samples (`audio`, float32).
 
@@ -191,7 +203,8 @@ class WhisperCpp:
         holds them on its state; `no_context` clears them). They include the timestamp
         tokens, which keep whisper cutting lines as it does inside one run: measured on a
         looped speech sample with 30 s windows, a text-only prompt (`initial_prompt`) gave
-        25-second lines, the carried tokens the same lines as one whole-file run."""
+        25-second lines, the carried tokens the same lines as one whole-file run. `prompt`
+        is whisper's `initial_prompt`: text it continues (script, punctuation, names)."""
         import _pywhispercpp as pw
 
         def on_segment(segment: Any) -> None:
@@ -207,7 +220,7 @@ class WhisperCpp:
                 language=language,
                 n_threads=self._threads,
                 no_context=not carry_context,
-                initial_prompt="",
+                initial_prompt=prompt,
             )
         except RunnerError:
             raise

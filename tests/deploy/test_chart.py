@@ -79,9 +79,9 @@ def test_full_values_render_every_optional_object() -> None:
     manifests = render(FULL)
     assert kinds(manifests) == sorted(
         [
-            "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy",
-            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Secret", "Service",
-            "ServiceAccount", "ServiceMonitor",
+            "ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy",
+            "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Secret",
+            "Service", "ServiceAccount", "ServiceMonitor",
         ]
     )  # fmt: skip
     # migrations.mode=initContainer: no hook Job, an init container instead.
@@ -145,6 +145,7 @@ def test_full_values_reach_the_settings_unchanged() -> None:
     assert settings.DB_PORT == 6543
     assert settings.DB_SSLMODE == "verify-full"
     assert settings.METRICS_PORT == 9102
+    assert settings.STATUS_PAGE_ENABLED is True
     assert settings.JOB_NAME_PREFIX == "talk"
     assert runner["deadlineSeconds"] == settings.JOB_DEADLINE_SECONDS
     assert runner["ttlSecondsAfterFinished"] == settings.JOB_TTL_SECONDS
@@ -173,6 +174,8 @@ def test_full_values_reach_the_settings_unchanged() -> None:
     assert parsed.WHISPER_THREADS == 4
     assert parsed.WHISPER_LANGUAGE == "auto"
     assert parsed.WHISPER_BEAM_SIZE == 5
+    assert parsed.CHINESE_SCRIPT == "taiwan"
+    assert runner["config"]["WHISPER_PROMPTS"] == parsed.WHISPER_PROMPTS
     assert parsed.OVERLAP_VIDEO_ENCODE is True
 
 
@@ -319,12 +322,17 @@ def test_role_is_least_privilege(values: tuple[Path, ...]) -> None:
     required = {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
     required |= {("", "pods", v) for v in ("get", "list", "watch")}
     required |= {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
+    # The Events on runner Jobs (controller/events.py; rbac.events, on by default).
+    required |= {("events.k8s.io", "events", "create")}
     assert required <= granted
     optional = {("", "pods/log", "get")}
-    optional |= {
-        (group, "events", verb) for group in ("", "events.k8s.io") for verb in ("create", "patch")
-    }
     assert granted - required <= optional
+
+
+def test_events_can_be_left_out_of_the_role() -> None:
+    """rbac.events=false: no Events are posted (the controller counts them as dropped)."""
+    rules = find(render(set_values=["rbac.events=false", *NETWORK_SET]), "Role")["rules"]
+    assert all("events" not in rule["resources"] for rule in rules)
 
 
 def _restricted(spec: Manifest) -> list[str]:
@@ -364,6 +372,18 @@ def test_notes_show_how_to_follow_one_media_file() -> None:
     assert f"kubectl -n media logs -l {LABEL_MEDIA_ID}=<uuid>" in notes
     assert "kubectl -n media logs job/<runner_name from the row>" in notes
     assert "WARNING" not in notes
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_status_page_is_off_by_default_and_the_notes_say_how_to_open_it(enabled: bool) -> None:
+    extra = ["statusPage.enabled=true"] if enabled else []
+    env = controller_env(render(set_values=[*MINIMAL_SET, *extra]))
+    assert env["STATUS_PAGE_ENABLED"] == str(enabled).lower()
+    result = helm("install", "t", str(CHART), "--dry-run=client", "--namespace", "media",
+                  *values_args(set_values=[*MINIMAL_SET, *extra]))  # fmt: skip
+    notes = result.stdout.partition("NOTES:")[2]
+    command = "kubectl -n media port-forward deploy/t-dharma-stream-controller 9090"
+    assert (command in notes and "http://localhost:9090/status" in notes) is enabled
 
 
 def test_notes_warn_about_missing_connection_settings() -> None:

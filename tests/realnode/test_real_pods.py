@@ -394,7 +394,11 @@ def test_scratch_over_its_size_limit_is_evicted_and_recorded(
     (not a simulation) evicts the pod with its own message, and the row says `evicted` with
     that message instead of "exit 137 without a message" — and is not retried, since the
     same source would outgrow the same scratch again."""
-    dav.faults.stall(1, 300, method="PUT")  # hold the runner, scratch full, past the check
+    # Hold the runner, scratch full, past the kubelet's check: the emptyDir's usage is
+    # measured every volumeStatsAggPeriod (1 min), and one stalled PUT held the runner only
+    # for one HTTP_TIMEOUT_SECONDS (60 s) before its retry succeeded — a race the runner
+    # once won (the row completed). Two stalled PUTs hold it for two timeouts (of 5 tries).
+    dav.faults.stall(2, 300, method="PUT")
     job_id, _ = talk("h264_aac_mp4")
     start_controller({**real_setup.env, "RUNNER_SCRATCH_SIZE": "64Ki"})
     done = eventually(lambda: finished(queue, job_id), "the eviction to fail it", timeout=240)

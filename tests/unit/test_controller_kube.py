@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.jobspec import Instance, LaunchSpec, build_job, job_name
 from controller.kube import KubernetesExecutor
 from controller.kubestate import foreign_labels
+from controller.metrics import Metrics
 from controller.model import NOT_FOUND, Phase, RunnerKey
 from controller.settings import ControllerSettings
 
@@ -178,3 +179,36 @@ def test_a_failed_launch_is_observed_until_it_succeeds_or_is_forgotten() -> None
     assert result.runner_name == NAME
     assert kube._launch_errors.get(KEY) is None
     assert kube.abandoned_after is None and kube.shutdown() == []
+
+
+def test_alive_counts_the_runners_still_pending() -> None:
+    """dharma_runners_pending and dharma_runner_oldest_pending_age_seconds (issue 13: the
+    "runners stuck pending" alert) come from the walk over every runner: a Job with no pod
+    yet waits since its creation, a running pod does not count."""
+    metrics = Metrics()
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), metrics=metrics, instance=INSTANCE)
+    kube.jobs.put(running_job(INSTANCE))  # no pod yet: pending since 2026-01-01
+    running = running_job(INSTANCE, RunnerKey(8, 2))
+    kube.jobs.put(running)
+    kube.pods.put(
+        {
+            "metadata": {
+                "name": "p",
+                "namespace": "ns",
+                "labels": {"job-name": running["metadata"]["name"]},
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+        }
+    )
+    assert sorted(kube.alive()) == [RunnerKey(7, 1), RunnerKey(8, 2)]
+    registry = metrics.registry
+    assert registry.get_sample_value("dharma_runners_pending") == 1
+    age = registry.get_sample_value("dharma_runner_oldest_pending_age_seconds")
+    assert age is not None and age > 24 * 3600
+    gone = running_job(INSTANCE)
+    gone["metadata"]["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    kube.jobs.put(gone)
+    assert kube.alive() == [RunnerKey(8, 2)]
+    assert registry.get_sample_value("dharma_runners_pending") == 0
+    assert registry.get_sample_value("dharma_runner_oldest_pending_age_seconds") == 0

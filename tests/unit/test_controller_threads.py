@@ -4,6 +4,7 @@ makes the probes fail with its name and why."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -15,6 +16,7 @@ from controller.informer import Informer
 from controller.lease import LeaseElector
 from controller.metrics import Health, Metrics, ProbeServer
 from controller.settings import ControllerSettings
+from controller.threads import Backoff
 from dharma_common.errors import first_line
 
 
@@ -151,3 +153,16 @@ def test_probes_fail_with_the_reason_of_a_dead_thread() -> None:
         assert _get(server.port, "/readyz") == (503, f"{problems[0]}\n")
     finally:
         server.stop()
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
+    stop = threading.Event()
+    stop.set()  # every wait returns at once
+    backoff = Backoff(first=0.5, cap=3.0)
+    delays = []
+    for _ in range(5):
+        delays.append(backoff.delay)
+        backoff.wait(stop)
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.delay == 0.5

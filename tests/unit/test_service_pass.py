@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from controller.executor import Launched
+from controller.executor import EventReason, Launched
 from controller.faults import Fault, FaultHooks
 from controller.jobspec import Instance, LaunchSpec
 from controller.local import LocalExecutor
@@ -491,6 +491,50 @@ def test_next_due_and_idle() -> None:
     assert w.executor.calls[-1] == ("forget", K11)
 
 
+def test_at_the_cap_a_due_row_waits_for_a_wake_up_not_a_timer() -> None:
+    """Due rows the claim leaves behind mean the cap is full; a runner's end wakes the loop.
+    Before, the pass answered "due now" and the loop came back every 50 ms while at cap."""
+    w = world(exit_when_idle=True)  # MAX_CONCURRENT_JOBS=2
+    for _ in range(3):
+        w.store.insert()
+    assert w.service.run_pass() == (False, None)
+    assert [r.status for r in map(w.store.get, (1, 2, 3))] == [
+        JobStatus.PROCESSING, JobStatus.PROCESSING, JobStatus.PENDING
+    ]  # fmt: skip
+
+
+def test_a_burst_of_wake_ups_shares_one_pass() -> None:
+    """The loop waits WAKE_DEBOUNCE_SECONDS after a wake-up, so a steady feed (a NOTIFY per
+    row, several watch events per Job) costs one pass per burst, not one per event."""
+    w = world(WAKE_DEBOUNCE_SECONDS=0.3, POLL_INTERVAL_SECONDS=60)
+    passes: list[float] = []
+    real_pass = w.service.run_pass
+
+    def counted_pass() -> tuple[bool, float | None]:
+        passes.append(time.monotonic())
+        return real_pass()
+
+    w.service.run_pass = counted_pass  # type: ignore[method-assign]
+    thread = threading.Thread(target=w.service.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not passes:  # the first pass runs at once
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(10):  # ten wake-ups within 0.1 s
+            w.service.wake()
+            time.sleep(0.01)
+        while len(passes) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.5)
+    finally:
+        w.service.request_stop()
+        thread.join(timeout=10)
+    assert len(passes) == 2, passes
+
+
 def test_shutdown_records_the_runners_the_executor_stopped() -> None:
     w = world(executor_args={"owner": "ctl", "stopped_on_shutdown": [K11]})
     w.sees(w.processing(runner_name="runner-1-1"), Phase.RUNNING)
@@ -654,3 +698,80 @@ def test_the_local_executor_reports_abandoned_rows_after_deadline_and_grace() ->
         "abandoned: claimed by controller 'dead', which did not finish it within "
         "JOB_DEADLINE_SECONDS (600 s)"
     )
+
+
+# ------------------------------------------------------------------ Events ---
+
+E = EventReason
+CLAIMED = "claimed: attempt 1 of 3, memory limit 2Gi"
+EVENT_CASES = [
+    ("claim and launch", _three_pending,
+     [(K11, E.CLAIMED, CLAIMED), (K21, E.CLAIMED, CLAIMED)]),
+    ("crash between claim and launch: launched now", lambda w: w.processing(),
+     [(K11, E.CLAIMED, CLAIMED)]),
+    ("a launch error: nothing yet", _launch_fails, []),
+    ("success", _finished(True, Phase.SUCCEEDED, exit_code=0),
+     [(K11, E.SUCCEEDED, "attempt 1 of 3 succeeded")]),
+    ("retry", _finished(False, Phase.FAILED, exit_code=11, message="WebDAV 503"),
+     [(K11, E.RETRYING,
+       "runner_error_temporary: WebDAV 503 (attempt 1 of 3; retrying in 5 s)")]),
+    ("OOM: retry with more memory",
+     _finished(False, Phase.FAILED, exit_code=137, reason="OOMKilled", memory_limit="2Gi"),
+     [(K11, E.RETRYING, "oom_killed: OOM-killed (memory limit 2Gi) (attempt 1 of 3; "
+       "retrying in 5 s; next attempt with memory limit 4Gi)")]),
+    ("permanent failure", _finished(False, Phase.FAILED, exit_code=10, message="bad media"),
+     [(K11, E.FAILED, "runner_error_permanent: bad media")]),
+    ("the last attempt fails for good", _last_attempt,
+     [(K13, E.FAILED, "runner_error_temporary: WebDAV 503 (attempt 3 of 3; no attempts left)")]),
+    ("stuck Pending", _stuck,
+     [(K11, E.RETRYING, "unschedulable: unschedulable for 301 s: 0/1 nodes (attempt 1 of 3; "
+       "retrying in 5 s)")]),
+    ("cancelled", _cancelled,
+     [(K11, E.CANCELLED, "the job was cancelled; stopping its runner")]),
+    ("a retried row's stale runner: stopped without an Event", _retried, []),
+    ("a running runner: nothing", _running, []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arrange", "events"), [c[1:] for c in EVENT_CASES], ids=[c[0] for c in EVENT_CASES]
+)
+def test_the_events_a_pass_records(
+    arrange: Callable[[World], object], events: list[tuple[RunnerKey, EventReason, str]]
+) -> None:
+    """Each decision about an attempt is told on its runner (Kubernetes: an Event on its
+    Job), beside the store writes and executor calls the tables above list."""
+    w = world()
+    arrange(w)
+    w.one_pass()
+    assert w.executor.events == events
+
+
+def test_an_outcome_not_recorded_is_not_told() -> None:
+    """The row moved on between the pass's read and its write: no Event claims an outcome."""
+    w = world(CancelOnObserve)
+    assert isinstance(w.executor, CancelOnObserve)
+    w.executor.store = w.store
+    w.sees(w.processing(runner_name="runner-1-1"), Phase.FAILED, exit_code=10, message="bad")
+    w.one_pass()
+    assert w.executor.events == []
+
+
+def test_a_launch_that_fails_for_good_is_told_on_its_runners_name() -> None:
+    """No Job was ever created; the failure is still told for the attempt (the Kubernetes
+    executor regards the name its Job would have had)."""
+    w = world()
+    w.store.insert()
+    w.executor.fail_launch[K11] = Launched(K11, None, error="422 Invalid", invalid=True)
+    w.one_pass()
+    w.one_pass()
+    assert w.executor.events == [
+        (K11, E.FAILED, "launch_failed: the runner could not be created: 422 Invalid")
+    ]
+
+
+def test_a_row_with_its_own_memory_limit_is_told_with_it() -> None:
+    w = world()
+    w.store.insert(memory_limit="6Gi")
+    w.one_pass()
+    assert w.executor.events == [(K11, E.CLAIMED, "claimed: attempt 1 of 3, memory limit 6Gi")]
