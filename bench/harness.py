@@ -92,7 +92,8 @@ class Periodic:
 
 
 class RssSampler(Periodic):
-    """Samples the controller's VmRSS every `interval` seconds (and keeps the series)."""
+    """Samples a process's VmRSS every `interval` seconds (and keeps the series): the
+    controller's in bench.controller and bench.load, the runner's in bench.longtalk."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         super().__init__(interval, "bench-rss")

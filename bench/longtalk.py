@@ -23,11 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.harness import RssSampler
 from bench.runs import RunnerServices, claimed_attempt, runner_command, runner_services
 from devtools.log_actions import lines_with_action
 from devtools.media import MODELS, make_spoken_talk
@@ -50,40 +50,17 @@ class Run:
     median_rss: int | None = None
 
 
-class RssSampler:
-    """Samples one process's VmRSS every `interval` seconds until it exits."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.samples: list[int] = []
-        self._path = Path(f"/proc/{pid}/status")
-        self._interval = interval
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.wait(self._interval):
-            try:
-                for line in self._path.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.samples.append(int(line.split()[1]) * 1024)
-            except OSError:  # exited (or a zombie without its status lines)
-                return
-
-    def median(self) -> int | None:
-        self._done.set()
-        self._thread.join()
-        return int(statistics.median(self.samples)) if self.samples else None
-
-
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[Run, str]:
     """Run `cmd`, returning wall time, wait4's peak RSS, its median sampled RSS and stderr."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(proc.pid, interval=0.1)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
-        median = sampler.median()
+        sampler.stop()
+        kib = [value for _, value in sampler.samples]
+        median = int(statistics.median(kib)) * 1024 if kib else None
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         err.seek(0)
