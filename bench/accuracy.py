@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,15 @@ def evaluate(
     started = time.monotonic()
     runner = WhisperCpp(model, threads, beam_size=beam_size, window_seconds=window)
     print(f"model {model.name} loaded in {time.monotonic() - started:.1f} s", flush=True)
+    return evaluate_with(runner, samples, prompt)
+
+
+def evaluate_with(
+    runner: WhisperCpp, samples: list[Sample], prompt: str | None
+) -> list[dict[str, Any]]:
+    """`evaluate` with a model already loaded: bench/models.py loads each variant its own
+    way (quantized file, flash attention, audio context) and scores it with this same code.
+    Each row also has `cpu_s`, this process's CPU time (user+sys) while whisper ran."""
     multilingual = _multilingual(runner)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="accuracy-") as scratch:
@@ -234,11 +244,11 @@ def evaluate(
                 continue
             duration = to_pcm(sample.audio, pcm)
             text_prompt = DEFAULT_PROMPTS.get(language, "") if prompt is None else prompt
-            begun = time.monotonic()
+            begun, cpu_before = time.monotonic(), _cpu_seconds()
             segments = runner.transcribe(
                 pcm, language, lambda _f: None, lambda: False, prompt=text_prompt
             )
-            wall = time.monotonic() - begun
+            wall, cpu = time.monotonic() - begun, _cpu_seconds() - cpu_before
             script = chosen.script_for(Script.SIMPLIFIED)
             cleaned = convert_segments(clean_segments(segments, int(duration * 1000)), script)
             joiner = "" if language in CHINESE else " "
@@ -247,6 +257,7 @@ def evaluate(
             row.update(
                 duration_s=round(duration, 2),
                 wall_s=round(wall, 2),
+                cpu_s=round(cpu, 2),
                 rtf=round(wall / duration, 3) if duration else None,
                 metric=result.metric,
                 edits=result.edits,
@@ -256,6 +267,11 @@ def evaluate(
             )
             print(_line(row), flush=True)
     return rows
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _line(row: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 from dharma_common.errors import first_line
 
 REPO = Path(__file__).resolve().parents[1]
-TESTBED = REPO / "scripts" / "testbed"
 #: The API server's priority-and-fairness flow schema for non-system ServiceAccounts: on the
 #: testbed only this benchmark's controller uses one, so its counter is the controller's.
 SA_FLOW_SCHEMA = "service-accounts"
@@ -40,19 +38,6 @@ CONTROLLER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
 ]  # fmt: skip
 Obj = dict[str, Any]
-
-
-def testbed(*args: str, keep: bool = False) -> str:
-    """`scripts/testbed` as a session of this process: `up` registers it, so another session's
-    `release` cannot stop the control plane under the benchmark, and ours stops it only when
-    this benchmark started it and nobody else uses it."""
-    env = {**os.environ, "DHARMA_TESTBED_SESSION": str(os.getpid())}
-    if keep:
-        env["DHARMA_TESTBED_KEEP"] = "1"
-    done = subprocess.run(
-        [str(TESTBED), *args], check=True, text=True, stdout=subprocess.PIPE, env=env, cwd=REPO
-    )
-    return done.stdout
 
 
 def prometheus_value(text: str, name: str, **labels: str) -> float:

@@ -41,11 +41,11 @@ from bench.cluster import (
     kcm_throttle,
     list_all_jobs,
     prometheus_value,
-    testbed,
 )
 from devtools.kwok import DELAY, FATE
 from devtools.services import Database, DatabaseFactory, PostgresServer, free_port
 from devtools.simulated_runner import SimulatedCommits
+from devtools.testbed import Sessions
 
 
 def read_rss_kib(pid: int) -> dict[str, int]:
@@ -407,6 +407,7 @@ class _Started:
     """What `harness()` has started so far, so that its teardown (`_tear_down`) stops exactly
     that, however far the start-up got before it failed."""
 
+    sessions: Sessions = field(default_factory=Sessions)
     server: PostgresServer | None = None
     factory: DatabaseFactory | None = None
     db: Database | None = None
@@ -481,7 +482,7 @@ def _tear_down(started: _Started, ns: Namespace, api: Any, args: argparse.Namesp
     if started.server is not None:
         started.server.close()
     api.close()
-    testbed("release", str(os.getpid()), keep=args.keep_testbed)
+    print(f"testbed: {started.sessions.release(keep=args.keep_testbed)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -490,14 +491,15 @@ def harness(
 ) -> Iterator[Harness]:
     """Start everything (testbed session, PostgreSQL, namespace, watches, the controller, up
     to its /readyz) and tear it all down on exit, whatever happened."""
-    kubeconfig = Path(testbed("up").strip().rpartition("=")[2])
+    sessions = Sessions()
+    kubeconfig = sessions.up()
     api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     core: Any = client.CoreV1Api(api)
     batch: Any = client.BatchV1Api(api)
     ns = Namespace(
         f"bench-controller-{uuid.uuid4().hex[:6]}", core, client.RbacAuthorizationV1Api(api)
     )
-    started = _Started()
+    started = _Started(sessions=sessions)
     try:
         db = _start_database(started)
         ns.create(kubeconfig, workdir)

@@ -19,13 +19,13 @@ deleted because its Job is going away (TTL after finishing, cancellation) leaves
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -166,7 +166,7 @@ class Informer:
                 self._namespace, _preload_content=False,
                 _request_timeout=self._api_timeout, **kwargs,
             )  # fmt: skip
-            body = json.loads(response.data)
+            body = orjson.loads(response.data)
             for obj in body.get("items") or []:
                 trimmed = self._trim(obj)
                 fresh[trimmed["metadata"]["name"]] = trimmed
@@ -216,7 +216,7 @@ class Informer:
                     break
                 if not line:
                     continue
-                event = json.loads(line)
+                event = orjson.loads(line)  # ~10 per Job: the cheapest parser
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:

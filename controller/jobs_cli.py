@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from dharma_common.contract import LABEL_MEDIA_ID, JobStatus
 from dharma_common.errors import first_line
 from dharma_common.logs import configure_logging
+from dharma_common.models import is_model_name
 from dharma_common.settings import ConfigError, DatabaseSettings, load_settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ SINGLE_PRIORITY = 0
 CONFIRM_THRESHOLD = 100
 #: pg_advisory_xact_lock key of `jobs enqueue` ("dhme").
 ENQUEUE_LOCK_KEY = 0x6468_6D65
+#: The longest `initial_prompt` (migration 0008's CHECK constraint; jobrunner/script.py
+#: MAX_PROMPT_CHARS, which a test holds equal).
+MAX_PROMPT_CHARS = 400
 #: Where the namespace of a pod's service account is, when the command runs in the cluster.
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -111,6 +115,16 @@ def add_jobs_parser(sub: Any) -> None:
     )  # fmt: skip
     enqueue.add_argument("--all", action="store_true", help="backfill: every media")
     enqueue.add_argument("--language", help="the jobs' language (default: WHISPER_LANGUAGE)")
+    enqueue.add_argument(
+        "--model", type=model_name,
+        help="the jobs' whisper model, a name in the catalog (WHISPER_MODELS); default: the "
+        "runner's WHISPER_MODEL. A name the catalog lacks fails the job, naming the known ones",
+    )  # fmt: skip
+    enqueue.add_argument(
+        "--initial-prompt", type=initial_prompt, metavar="TEXT",
+        help=f"the jobs' initial prompt for whisper (at most {MAX_PROMPT_CHARS} characters; '' "
+        "for none); default: WHISPER_PROMPTS for the job's language",
+    )  # fmt: skip
     enqueue.add_argument("--dry-run", action="store_true", help="count, enqueue nothing")
     enqueue.add_argument(
         "--yes", action="store_true",
@@ -137,6 +151,27 @@ def _positive(text: str) -> int:
 
 _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def model_name(text: str) -> str:
+    """A model's name as the row's CHECK constraint admits it (migration 0009). Whether the
+    catalog has it is the controller's to say: the catalog is the deployment's, not this
+    command's environment's."""
+    if not is_model_name(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a model name (letters, digits, '.', '_', '-'; at most 64)"
+        )
+    return text
+
+
+def initial_prompt(text: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are used"
+        )
+    if any(ord(c) < 32 and c not in "\n\t" for c in text):
+        raise argparse.ArgumentTypeError("contains control characters")
+    return text
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -293,7 +328,8 @@ def _print_table(out: TextIO, table: Sequence[Sequence[str]]) -> None:
 
 # ------------------------------------------------------------------------ show ---
 
-_SHOW_COLUMNS = ("id", "media_id", "status", "priority", "progress", "language", "attempts",
+_SHOW_COLUMNS = ("id", "media_id", "status", "priority", "progress", "language", "model",
+                 "initial_prompt", "attempts",
                  "attempts_base", "max_attempts", "result_attempt", "runner_name",
                  "claimed_by", "memory_limit", "error_message", "failure_reason",
                  "created_at", "updated_at", "run_after", "processing_started_at",
@@ -373,6 +409,9 @@ def _print_show(out: TextIO, job: dict[str, Any]) -> None:
     line("source", job["source_path"])
     line("duration", job["duration_seconds"] and f"{job['duration_seconds']:.1f} s")
     line("language", job["language"] or "(WHISPER_LANGUAGE)")
+    line("model", job["model"] or "(WHISPER_MODEL)")
+    prompt = job["initial_prompt"]
+    line("initial prompt", "(WHISPER_PROMPTS)" if prompt is None else repr(prompt))
     line("priority", job["priority"])
     age = age_text(job["age_seconds"])
     line("created", f"{when(job['created_at'])} ({age} ago)")
@@ -484,7 +523,7 @@ def confirmed(count: int, selection: Selection, yes: bool, stdin: TextIO = sys.s
 
 
 def _insert(
-    conn: Any, media_ids: list[uuid.UUID], priority: int, language: str | None
+    conn: Any, media_ids: list[uuid.UUID], priority: int, args: argparse.Namespace
 ) -> list[tuple[int, uuid.UUID]]:
     """Enqueue under the enqueue lock; media that got a live job meanwhile are skipped."""
     from controller.store import Q
@@ -492,7 +531,8 @@ def _insert(
     with conn, conn.cursor() as cur:
         cur.execute(Q["jobs_enqueue_lock"], {"lock_key": ENQUEUE_LOCK_KEY})
         cur.execute(Q["jobs_enqueue"], {"media_ids": media_ids, "priority": priority,
-                                        "language": language})  # fmt: skip
+                                        "language": args.language, "model": args.model,
+                                        "initial_prompt": args.initial_prompt})  # fmt: skip
         return [(job_id, media_id) for job_id, media_id in cur.fetchall()]
 
 
@@ -509,7 +549,7 @@ def _cmd_enqueue(conn: Any, args: argparse.Namespace, out: TextIO) -> int:
     if not confirmed(len(media_ids), selection, args.yes):
         report["refused"] = "confirmation needed (--yes)"
         return _enqueue_report(out, args.output, report, REFUSED)
-    enqueued = _insert(conn, media_ids, priority, args.language) if media_ids else []
+    enqueued = _insert(conn, media_ids, priority, args) if media_ids else []
     report["enqueued"] = [{"job_id": j, "media_id": m} for j, m in enqueued]
     report["skipped"] = len(media_ids) - len(enqueued)
     if enqueued:

@@ -29,15 +29,22 @@ Choices that matter:
   root filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp,
   no service-account token; scratch space is a size-limited emptyDir at /scratch, and the
   container requests that much ephemeral storage so it is scheduled where the disk is.
+- The model: a job naming one (`stt_jobs.model`) gets it as WHISPER_MODEL, only after the
+  name was found in the catalog (WHISPER_MODELS; `UnknownModel` otherwise, and no Job), and
+  the model's `memory` as its memory request and first limit. Models come from the image's
+  /models or from RUNNER_MODELS_VOLUME, mounted read-only at /models/volume (a PVC, or an
+  image volume); the runner checks the file's checksum before it uses it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from controller.model import JobRow
 from controller.quantity import format_bytes, parse_bytes
 from controller.settings import ControllerSettings
 from dharma_common.contract import (
@@ -54,6 +61,7 @@ from dharma_common.contract import (
     RUNNER_COMPONENT,
     runner_command,
 )
+from dharma_common.models import ModelEntry, unknown_model
 
 CONTAINER_NAME = "runner"
 SCRATCH_VOLUME = "scratch"
@@ -69,6 +77,15 @@ RUNNER_SECRET_KEYS = ("DB_PASSWORD", "WEBDAV_PASSWORD")
 #: Selects every Job and pod any dharma controller made, of every installation (tests and
 #: benches that watch them all). A controller watches only its own: `Instance.selector`.
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+MODELS_VOLUME = "models"
+#: Where RUNNER_MODELS_VOLUME is mounted: below the image's models directory (/models, the
+#: runner's WHISPER_MODELS_DIR), so the catalog names a volume's file `volume/<file>` and the
+#: image's own models stay usable beside it.
+MODELS_MOUNT = "/models/volume"
+
+
+class UnknownModel(ValueError):
+    """A job names a model the catalog does not have: nothing can be launched for it."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +106,12 @@ class Instance:
     name: str
     installation_id: uuid.UUID
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         """The `dharma.stream/instance` label value: `<name>-<8 hex of the id>` (<= 63)."""
         return f"{self.name}-{self.installation_id.hex[:8]}"
 
-    @property
+    @functools.cached_property  # in every Job name: computed once, not on each pass
     def name_hash(self) -> str:
         """8 hex of SHA-256 over name and full id, for Job names: distinct for two releases
         on one database as well as for one release on two databases, so AlreadyExists can
@@ -115,8 +132,42 @@ class LaunchSpec:
     job_id: int
     attempt: int
     media_id: str
-    #: The row's `memory_limit` (raised after an OOM kill); None means RUNNER_MEMORY_LIMIT.
+    #: The row's `memory_limit` (raised after an OOM kill); None means the model's memory,
+    #: else RUNNER_MEMORY_LIMIT.
     memory_limit: str | None
+    #: The row's `model`; None: the runner's own WHISPER_MODEL (the deployment's default).
+    model: str | None = None
+
+    @classmethod
+    def of(cls, row: JobRow) -> LaunchSpec:
+        return cls(row.id, row.attempts, str(row.media_id), row.memory_limit, row.model)
+
+
+def model_entry(settings: ControllerSettings, model: str | None) -> ModelEntry | None:
+    """The catalog entry of a job's model (None for a job naming none); UnknownModel if the
+    catalog does not have it."""
+    if model is None:
+        return None
+    entry = settings.WHISPER_MODELS.get(model)
+    if entry is None:
+        raise UnknownModel(unknown_model(model, settings.WHISPER_MODELS))
+    return entry
+
+
+def memory(settings: ControllerSettings, job: LaunchSpec) -> tuple[str, str]:
+    """(request, limit) of an attempt's runner. A model with a `memory` is sized by it: the
+    request (its need is reserved, not hoped for: memory cannot be throttled) and the first
+    limit; otherwise RUNNER_MEMORY_REQUEST and RUNNER_MEMORY_LIMIT. After an OOM kill the row's
+    raised `memory_limit` is the limit. The request never exceeds the limit."""
+    entry = model_entry(settings, job.model)
+    if entry is not None and entry.memory is not None:
+        request, base = entry.memory, entry.memory
+    else:
+        request, base = settings.RUNNER_MEMORY_REQUEST, settings.RUNNER_MEMORY_LIMIT
+    limit = job.memory_limit or base
+    if parse_bytes(request) > parse_bytes(limit):
+        request = limit
+    return request, limit
 
 
 def job_name(settings: ControllerSettings, instance: Instance, job_id: int, attempt: int) -> str:
@@ -138,11 +189,8 @@ def runner_labels(job: LaunchSpec, instance: Instance) -> dict[str, str]:
     }
 
 
-def _resources(settings: ControllerSettings, memory_limit: str | None) -> dict[str, Any]:
-    limit = memory_limit or settings.RUNNER_MEMORY_LIMIT
-    request = settings.RUNNER_MEMORY_REQUEST
-    if parse_bytes(request) > parse_bytes(limit):
-        request = limit
+def _resources(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
+    request, limit = memory(settings, job)
     # Requesting the scratch size makes the scheduler place the runner on a node with that
     # much disk free, instead of an eviction (exit 137, no message) half-way through.
     scratch = settings.RUNNER_SCRATCH_SIZE
@@ -196,13 +244,40 @@ def _container(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
             # Libraries that ignore SCRATCH_DIR must not try the read-only root either.
             {"name": "TMPDIR", "value": SCRATCH_MOUNT},
             {"name": "HOME", "value": SCRATCH_MOUNT},
+            # Checked against the catalog before this (model_entry); else the runner's own.
+            *([{"name": "WHISPER_MODEL", "value": job.model}] if job.model else []),
         ],
-        "resources": _resources(settings, job.memory_limit),
-        "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_MOUNT}],
+        "resources": _resources(settings, job),
+        "volumeMounts": [
+            {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_MOUNT},
+            *_models_mount(settings),
+        ],
         "securityContext": _security_context(),
         "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "File",
     }
+
+
+def _models_mount(settings: ControllerSettings) -> list[dict[str, Any]]:
+    if not settings.RUNNER_MODELS_VOLUME:
+        return []
+    return [{"name": MODELS_VOLUME, "mountPath": MODELS_MOUNT, "readOnly": True}]
+
+
+def _models_volume(settings: ControllerSettings) -> list[dict[str, Any]]:
+    """RUNNER_MODELS_VOLUME as a pod volume (validated at start-up): a PVC always read-only;
+    an image volume (read-only by nature) with its pull policy."""
+    source = settings.RUNNER_MODELS_VOLUME
+    if not source:
+        return []
+    if "persistentVolumeClaim" in source:
+        claim = source["persistentVolumeClaim"]["claimName"]
+        return [{"name": MODELS_VOLUME,
+                 "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]  # fmt: skip
+    image = source["image"]
+    return [{"name": MODELS_VOLUME,
+             "image": {"reference": image["reference"],
+                       "pullPolicy": image.get("pullPolicy", "IfNotPresent")}}]  # fmt: skip
 
 
 def _pod_spec(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
@@ -219,7 +294,8 @@ def _pod_spec(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
         },
         "containers": [_container(settings, job)],
         "volumes": [
-            {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": settings.RUNNER_SCRATCH_SIZE}}
+            {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": settings.RUNNER_SCRATCH_SIZE}},
+            *_models_volume(settings),
         ],
     }
     if settings.RUNNER_SERVICE_ACCOUNT:
@@ -238,7 +314,9 @@ def _pod_spec(settings: ControllerSettings, job: LaunchSpec) -> dict[str, Any]:
 
 
 def build_job(settings: ControllerSettings, job: LaunchSpec, instance: Instance) -> dict[str, Any]:
-    """The complete batch/v1 Job manifest for one attempt of this installation."""
+    """The complete batch/v1 Job manifest for one attempt of this installation; UnknownModel
+    for a job naming a model the catalog lacks."""
+    model_entry(settings, job.model)
     labels = runner_labels(job, instance)
     # Operator-supplied pod labels never replace ours (watches and `kubectl logs -l` rely
     # on them).

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -29,7 +30,7 @@ from kubernetes.config.config_exception import ConfigException
 from controller.events import EventRecorder, build_event
 from controller.executor import EventReason, Launched, LaunchErrors
 from controller.informer import Informer
-from controller.jobspec import Instance, LaunchSpec, build_job, job_name
+from controller.jobspec import Instance, LaunchSpec, UnknownModel, build_job, job_name
 from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
 from controller.metrics import Metrics
 from controller.model import NOT_FOUND, JobRow, Observation, Phase, RunnerKey
@@ -43,6 +44,50 @@ Obj = dict[str, Any]
 
 
 _ACTIVE = (Phase.PENDING, Phase.RUNNING)
+_JSON = "application/json"
+
+
+class _Seen:
+    """What the executor derived from one cached Job object, kept while the cache holds that
+    very object (the informers replace an object on every change, never edit it in place, so
+    `is` tells "unchanged"). Why: every pass looks at every live Job (alive) and at each
+    row's Job (observe), and at 20 Jobs/s re-deriving them each pass was a fifth of the
+    controller's CPU (docs/performance.md, "Steady-state CPU")."""
+
+    __slots__ = ("_observation", "_pods", "finished", "job", "key")
+
+    def __init__(self, job: Obj, key: RunnerKey | None) -> None:
+        self.job = job
+        self.finished = bool(job["metadata"].get("deletionTimestamp")) or is_finished(job)
+        self.key = key
+        self._pods: list[Obj] | None = None
+        self._observation: Observation | None = None
+
+    def observe(self, pods: list[Obj]) -> Observation:
+        """observe_job(job, pods), again only when a pod object changed."""
+        known = self._pods
+        if (
+            self._observation is None
+            or known is None
+            or len(known) != len(pods)
+            or any(a is not b for a, b in zip(known, pods, strict=True))
+        ):
+            self._observation = observe_job(self.job, pods)
+            self._pods = pods
+        return self._observation
+
+
+#: The Job cache's index of the Jobs still running (see `alive`).
+_LIVE = "live"
+
+
+def _live(job: Obj) -> str | None:
+    """Indexed under _LIVE unless finished or being deleted: decided once per Job object, in
+    the watch's thread, so a pass walks the few live Jobs, not the many finished ones the
+    cache keeps for JOB_TTL_SECONDS."""
+    if job["metadata"].get("deletionTimestamp") or is_finished(job):
+        return None
+    return _LIVE
 
 
 def _job_of(pod: Obj) -> str | None:
@@ -52,17 +97,29 @@ def _job_of(pod: Obj) -> str | None:
     return str(name) if name else None
 
 
-def load_api_client() -> client.ApiClient:
-    """In-cluster configuration when running in a pod, else the KUBECONFIG file."""
+#: Connections held besides the launch pool's: the two watches, the Event poster, the Lease
+#: and one for the service loop's own reads (verifying a Job is gone).
+_OTHER_CONNECTIONS = 5
+
+
+def load_api_client(launch_concurrency: int) -> client.ApiClient:
+    """In-cluster configuration when running in a pod, else the KUBECONFIG file.
+
+    The connection pool holds one connection per concurrent user (`launch_concurrency`
+    creates at once, the watches, ...). The client's default, 5 per CPU, is 10 on a 2-CPU
+    node, fewer than that: a create beyond it opens a TLS connection and drops it after one
+    request, and handshakes are costly (they were a tenth of the controller's CPU at 20
+    Jobs/s while Event posts kept connections out of the pool)."""
+    configuration = client.Configuration()
+    configuration.connection_pool_maxsize = launch_concurrency + _OTHER_CONNECTIONS
     try:
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         return client.ApiClient(configuration)
     except ConfigException:
         pass
     try:
-        api: client.ApiClient = config.new_client_from_config()  # type: ignore[no-untyped-call]
-        return api
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return client.ApiClient(configuration)
     except (ConfigException, OSError, TypeError) as exc:
         raise ConfigError(
             "KUBECONFIG: no in-cluster service account and no usable kubeconfig "
@@ -76,6 +133,33 @@ def _status_reason(exc: ApiException) -> str:
         return f"{exc.status} {body.get('reason', '')}: {body.get('message', '')}".strip()
     except (ValueError, AttributeError):
         return f"{exc.status} {exc.reason}"
+
+
+class JsonPosts:
+    """POST a JSON body (a Job, an Event) through the client's connection pool, host and
+    authentication, without its model layer.
+
+    Why: given a dict, the generated API validates it into its pydantic model (V1Job) and
+    dumps it back before sending; at 20 Jobs/s that was a third of the controller's CPU
+    (docs/performance.md, "Steady-state CPU"). A status outside 2xx raises the same
+    ApiException the generated API raises, so callers handle both alike."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+
+    def post(self, path: str, namespace: str, body: Obj, timeout: float) -> Obj:
+        """POST `body` to `path` (with a `{namespace}` placeholder); the created object."""
+        request = self._api.param_serialize(
+            method="POST", resource_path=path, path_params={"namespace": namespace},
+            header_params={"Content-Type": _JSON, "Accept": _JSON}, body=body,
+            auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response: Any = self._api.call_api(*request, _request_timeout=timeout)
+        data = response.read()  # all of it: the connection goes back to the pool
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        created: Obj = orjson.loads(data)
+        return created
 
 
 class KubernetesExecutor:
@@ -96,12 +180,15 @@ class KubernetesExecutor:
         # Any: bodies and responses are raw JSON (_preload_content=False), not models.
         self._batch: Any = client.BatchV1Api(api)
         self._core: Any = client.CoreV1Api(api)
-        self._events_api: Any = client.EventsV1Api(api)
+        self._posts = JsonPosts(api)
         self._metrics = metrics
         self._events = EventRecorder(self._post_event, metrics)
         self._pool = ThreadPoolExecutor(settings.LAUNCH_CONCURRENCY, thread_name_prefix="create")
         self._wake: Callable[[], None] = lambda: None
         self._launch_errors = LaunchErrors()
+        #: Job name -> what was derived from its cached object; the service loop's thread
+        #: alone reads and writes it (observe, alive).
+        self._seen: dict[str, _Seen] = {}
         common = {
             "namespace": settings.NAMESPACE,
             # Set by bind(): nothing is listed or watched before the instance is known.
@@ -111,7 +198,7 @@ class KubernetesExecutor:
             "watch_timeout": settings.KUBE_WATCH_TIMEOUT_SECONDS,
         }
         self.jobs = Informer(
-            "jobs", self._batch.list_namespaced_job, trim=trim_job,
+            "jobs", self._batch.list_namespaced_job, trim=trim_job, index=_live,
             on_relist=lambda: self._relisted("jobs"), **common,  # type: ignore[arg-type]
         )  # fmt: skip
         self.pods = Informer(
@@ -186,11 +273,14 @@ class KubernetesExecutor:
         name = self._name(key)
         try:
             body = build_job(self._settings, spec, self.instance)
-            response = self._batch.create_namespaced_job(
-                self._settings.NAMESPACE, body, _preload_content=False,
-                _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+        except UnknownModel as exc:  # reconcile.decide fails the attempt, naming the model
+            return Launched(key, None, error=str(exc), invalid=True)
+        try:
+            created = self._posts.post(
+                "/apis/batch/v1/namespaces/{namespace}/jobs", self._settings.NAMESPACE, body,
+                self._settings.KUBE_API_TIMEOUT_SECONDS,
             )  # fmt: skip
-            self.jobs.put(json.loads(response.data))
+            self.jobs.put(created)
             return Launched(key, name)
         except ApiException as exc:
             if exc.status == 409:  # AlreadyExists: launched before, if the labels say so
@@ -232,7 +322,13 @@ class KubernetesExecutor:
         if job is None or foreign_labels(job, key, self.instance.label):
             # A Job of that name that is not this attempt's says nothing.
             return self._launch_errors.get(key) or NOT_FOUND
-        return observe_job(job, self._pods_of(name))
+        return self._seen_of(name, job).observe(self._pods_of(name))
+
+    def _seen_of(self, name: str, job: Obj) -> _Seen:
+        seen = self._seen.get(name)
+        if seen is None or seen.job is not job:
+            seen = self._seen[name] = _Seen(job, self._key(job))
+        return seen
 
     def observe_abandoned(self, row: JobRow) -> Observation:
         """Never asked (`abandoned_after` is None): every runner is observed directly."""
@@ -285,19 +381,22 @@ class KubernetesExecutor:
         keys = []
         waited: list[float] = []
         now = dt.datetime.now(dt.timezone.utc)
-        for job in self.jobs.items():
-            if job["metadata"].get("deletionTimestamp") or is_finished(job):
-                continue
+        previous, self._seen = self._seen, {}  # Jobs no longer live are forgotten here
+        for job in self.jobs.by_index(_LIVE):
             name = job["metadata"]["name"]
-            seen = observe_job(job, self._pods_of(name))
-            if seen.phase not in _ACTIVE:
+            seen = previous.get(name)
+            if seen is None or seen.job is not job:
+                seen = _Seen(job, self._key(job))
+            self._seen[name] = seen
+            if seen.finished or seen.key is None:
                 continue
-            key = self._key(job)
-            if key is None:
+            observed = seen.observe(self._pods_of(name))
+            if observed.phase not in _ACTIVE:
                 continue
-            keys.append(key)
-            if seen.phase is Phase.PENDING:
-                waited.append(max(0.0, (now - seen.since).total_seconds()) if seen.since else 0.0)
+            keys.append(seen.key)
+            if observed.phase is Phase.PENDING:
+                since = observed.since
+                waited.append(max(0.0, (now - since).total_seconds()) if since else 0.0)
         if self._metrics is not None:
             # Here because this walk is the one place every runner is observed each pass.
             self._metrics.runners_pending.set(len(waited))
@@ -365,7 +464,7 @@ class KubernetesExecutor:
         self._events.record(event)
 
     def _post_event(self, event: Obj) -> None:
-        self._events_api.create_namespaced_event(
-            self._settings.NAMESPACE, event, _preload_content=False,
-            _request_timeout=self._settings.KUBE_API_TIMEOUT_SECONDS,
+        self._posts.post(
+            "/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._settings.NAMESPACE,
+            event, self._settings.KUBE_API_TIMEOUT_SECONDS,
         )  # fmt: skip

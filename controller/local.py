@@ -49,7 +49,7 @@ from pathlib import Path
 from controller import procfs
 from controller.executor import EventReason, Launched, LaunchErrors
 from controller.faults import Fault, FaultHooks
-from controller.jobspec import Instance, LaunchSpec
+from controller.jobspec import Instance, LaunchSpec, UnknownModel, memory, model_entry
 from controller.model import (
     REASON_CONTROLLER_RESTARTED,
     REASON_DEADLINE,
@@ -187,7 +187,8 @@ class LocalExecutor:
     # ------------------------------------------------------------------ launching ---
 
     def _memory_limit(self, spec: LaunchSpec) -> int:
-        return parse_bytes(spec.memory_limit or self._settings.RUNNER_MEMORY_LIMIT)
+        """The model's memory, else RUNNER_MEMORY_LIMIT (0: none), or the row's raised limit."""
+        return parse_bytes(memory(self._settings, spec)[1])
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
         results = [self._launch_one(spec) for spec in specs]
@@ -201,12 +202,18 @@ class LocalExecutor:
         with self._lock:
             if key in self._runners:
                 return Launched(key, name)
+        try:
+            model_entry(self._settings, spec.model)
+        except UnknownModel as exc:
+            return Launched(key, None, error=str(exc), invalid=True)
         directory = self._root / f"{spec.job_id}-{spec.attempt}"
         shutil.rmtree(directory, ignore_errors=True)
         (directory / "scratch").mkdir(parents=True, mode=0o700)
         env = runner_environment(self._settings, os.environ)
         env["SCRATCH_DIR"] = str(directory / "scratch")
         env["TERMINATION_MESSAGE_PATH"] = str(directory / "termination-log")
+        if spec.model:  # a catalog name (checked above); else the inherited WHISPER_MODEL
+            env["WHISPER_MODEL"] = spec.model
         command = runner_command(spec.job_id, spec.attempt, python=sys.executable)
         try:
             popen = subprocess.Popen(

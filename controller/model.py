@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import uuid
 from dataclasses import dataclass
 
@@ -33,8 +34,10 @@ class JobRow:
     #: `attempts` when an operator last re-queued the row from a final status: the retry
     #: budget counts from here, because `attempts` itself (the fencing token) never goes back.
     attempts_base: int = 0
+    #: The model the job names (a WHISPER_MODELS key, migration 0009); None: the default.
+    model: str | None = None
 
-    @property
+    @functools.cached_property  # asked many times a pass, for every row in flight
     def key(self) -> RunnerKey:
         return RunnerKey(self.id, self.attempts)
 

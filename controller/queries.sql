@@ -48,13 +48,13 @@ FROM candidates AS c
 WHERE j.id = c.id
 RETURNING j.id, j.media_id, j.status, j.attempts, j.max_attempts, j.runner_name,
           j.result_attempt, j.memory_limit, j.processing_started_at, j.claimed_by,
-          j.attempts_base;
+          j.attempts_base, j.model;
 
 -- name: inflight
 -- The rows this controller owns: every processing row (Kubernetes: the leader adopts them
 -- all), or only those it claimed itself (local executor: it can see only its own children).
 SELECT id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-       memory_limit, processing_started_at, claimed_by, attempts_base
+       memory_limit, processing_started_at, claimed_by, attempts_base, model
 FROM dharma.stt_jobs
 WHERE status = 'processing' AND (%(owner)s::text IS NULL OR claimed_by = %(owner)s::text)
 ORDER BY id;
@@ -63,7 +63,7 @@ ORDER BY id;
 -- Local executor: rows claimed by another controller so long ago that its runner must have
 -- been killed by that controller's deadline; nobody else will ever finish them.
 SELECT id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-       memory_limit, processing_started_at, claimed_by, attempts_base
+       memory_limit, processing_started_at, claimed_by, attempts_base, model
 FROM dharma.stt_jobs
 WHERE status = 'processing'
   AND claimed_by IS DISTINCT FROM %(owner)s::text
@@ -180,7 +180,8 @@ ORDER BY j.created_at DESC, j.id DESC
 LIMIT %(limit)s;
 
 -- name: jobs_show
-SELECT j.id, j.media_id, j.status, j.priority, j.progress, j.language, j.attempts,
+SELECT j.id, j.media_id, j.status, j.priority, j.progress, j.language, j.model,
+       j.initial_prompt, j.attempts,
        j.attempts_base, j.max_attempts, j.result_attempt, j.runner_name, j.claimed_by,
        j.memory_limit, j.error_message, j.failure_reason, j.created_at, j.updated_at,
        j.run_after, j.processing_started_at, j.finished_at,
@@ -230,8 +231,8 @@ SELECT pg_advisory_xact_lock(%(lock_key)s);
 -- name: jobs_enqueue
 -- One job per given media, in the given order (ids follow it, and the claim takes equal
 -- priorities oldest first), skipping media that are gone or got a live job meanwhile.
-INSERT INTO dharma.stt_jobs (media_id, priority, language)
-SELECT m.id, %(priority)s, %(language)s
+INSERT INTO dharma.stt_jobs (media_id, priority, language, model, initial_prompt)
+SELECT m.id, %(priority)s, %(language)s, %(model)s, %(initial_prompt)s
 FROM unnest(%(media_ids)s::uuid[]) WITH ORDINALITY AS c(id, n)
 JOIN dharma.media_files AS m ON m.id = c.id
 WHERE NOT EXISTS (SELECT 1 FROM dharma.stt_jobs AS j

@@ -36,6 +36,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
+from controller.jobspec import LaunchSpec, UnknownModel, memory, model_entry
 from controller.model import (
     CONFIG_ERROR_REASONS,
     IMAGE_PULL_REASONS,
@@ -70,6 +71,7 @@ class FailureReason(str, enum.Enum):
     CONTROLLER_RESTARTED = "controller_restarted"
     EVICTED = "evicted"
     LAUNCH_FAILED = "launch_failed"
+    UNKNOWN_MODEL = "unknown_model"
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,13 @@ def _seconds(delta: dt.timedelta) -> int:
 def _not_launched(
     row: JobRow, seen: Observation, now: dt.datetime, settings: ControllerSettings
 ) -> Action:
-    """Launch, unless launching has been failing for too long (or cannot ever work)."""
+    """Launch, unless the job names a model the catalog lacks (no runner: permanent, the
+    model and the known ones named), or launching has been failing for too long (or cannot
+    ever work)."""
+    try:
+        model_entry(settings, row.model)
+    except UnknownModel as exc:
+        return Failure(FailureReason.UNKNOWN_MODEL, str(exc), retryable=False)
     if seen.reason == REASON_INVALID:
         return Failure(
             FailureReason.LAUNCH_FAILED,
@@ -218,7 +226,7 @@ def _pending(
 
 def _failed(row: JobRow, seen: Observation, settings: ControllerSettings) -> Action:
     if seen.reason == REASON_OOM:
-        limit = seen.memory_limit or row.memory_limit or settings.RUNNER_MEMORY_LIMIT
+        limit = seen.memory_limit or row.memory_limit or _first_limit(row, settings)
         try:
             bigger = scale_memory(
                 limit, settings.RUNNER_OOM_MEMORY_FACTOR, settings.RUNNER_MEMORY_LIMIT_MAX
@@ -287,6 +295,14 @@ def _failed(row: JobRow, seen: Observation, settings: ControllerSettings) -> Act
 #: "scratch" exceeds the limit "20Gi".", "Container runner exceeded its local ephemeral
 #: storage limit "2Gi"."). Node pressure ("The node was low on resource: ...") has neither.
 _OWN_LIMIT_WORDS = ("exceeds the total limit", "exceeds the limit", "exceeded its local")
+
+
+def _first_limit(row: JobRow, settings: ControllerSettings) -> str:
+    """The limit the attempt was launched with when the executor did not say."""
+    try:
+        return memory(settings, LaunchSpec.of(row))[1]
+    except UnknownModel:  # the catalog changed since the launch
+        return settings.RUNNER_MEMORY_LIMIT
 
 
 def _evicted(message: str | None) -> Failure:

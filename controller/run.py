@@ -85,7 +85,7 @@ def run_service(executor_name: str | None, exit_when_idle: bool) -> int:
         from controller.kube import KubernetesExecutor, load_api_client
 
         try:
-            api = load_api_client()
+            api = load_api_client(settings.LAUNCH_CONCURRENCY)
         except ConfigError as exc:
             return _fail(str(exc))
         executor = KubernetesExecutor(settings, api, metrics)

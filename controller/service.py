@@ -44,7 +44,7 @@ from controller.executor import (
     WakeSource,
 )
 from controller.faults import Fault, FaultHooks
-from controller.jobspec import Instance, LaunchSpec
+from controller.jobspec import Instance, LaunchSpec, memory
 from controller.listener import Listener
 from controller.metrics import Health, Metrics, ProbeServer
 from controller.model import JobRow, Observation, Phase, RunnerKey, StopReason
@@ -340,7 +340,7 @@ class Service:
                 return
 
     def _launch(self, rows: list[JobRow]) -> None:
-        specs = [LaunchSpec(r.id, r.attempts, str(r.media_id), r.memory_limit) for r in rows]
+        specs = [LaunchSpec.of(r) for r in rows]
         results = self.executor.launch(specs)
         for row, result in zip(rows, results, strict=True):
             with log_context(job_id=row.id, media_id=str(row.media_id), attempt=row.attempts):
@@ -354,6 +354,8 @@ class Service:
             log.warning(
                 "runner not launched", extra={"action": "launch_failed", "error": result.error}
             )
+            if result.invalid:
+                self.wake()  # cannot work (an unknown model): record it now, not next poll
             return
         self.metrics.launches.labels(result="ok").inc()
         if self.store.set_runner_name(row.key, result.runner_name):
@@ -361,7 +363,7 @@ class Service:
                 "runner launched",
                 extra={"action": "runner_launched", "runner_name": result.runner_name},
             )
-            limit = row.memory_limit or self.settings.RUNNER_MEMORY_LIMIT
+            limit = memory(self.settings, LaunchSpec.of(row))[1]
             told = f"attempt {row.attempt_number} of {row.max_attempts}, memory limit {limit}"
             self.executor.record_event(row.key, EventReason.CLAIMED, f"claimed: {told}")
         else:

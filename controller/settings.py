@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from controller.quantity import parse_bytes
+from dharma_common.models import Catalog, ModelEntry, default_catalog
 from dharma_common.settings import DatabaseSettings
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
@@ -36,7 +37,10 @@ _JSON_EXAMPLES = {
     "RUNNER_AFFINITY": '{"nodeAffinity": {...}}',
     "RUNNER_POD_LABELS": '{"team": "media"}',
     "RUNNER_POD_ANNOTATIONS": '{"example.org/owner": "media"}',
+    "RUNNER_MODELS_VOLUME": '{"persistentVolumeClaim": {"claimName": "whisper-models"}}',
 }
+#: The volume sources RUNNER_MODELS_VOLUME may name, each with its required key.
+_MODELS_VOLUME_KINDS = {"persistentVolumeClaim": "claimName", "image": "reference"}
 _JSON_LISTS = {"RUNNER_IMAGE_PULL_SECRETS", "RUNNER_TOLERATIONS"}
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -120,6 +124,15 @@ class ControllerSettings(DatabaseSettings):
     RUNNER_MEMORY_LIMIT_MAX: str = Field(default="8Gi", pattern=_QUANTITY)
     RUNNER_OOM_MEMORY_FACTOR: float = Field(default=2.0, ge=1.0, le=16.0)
     RUNNER_SCRATCH_SIZE: str = Field(default="20Gi", pattern=_QUANTITY)
+    #: The whisper model catalog, the runner's WHISPER_MODELS (dharma_common/models.py): a job
+    #: naming a model not in it fails permanently without a runner; one naming a model with a
+    #: `memory` gets that as its memory request and first limit (both executors).
+    WHISPER_MODELS: Annotated[Catalog, NoDecode] = Field(default_factory=default_catalog)
+    #: A volume mounted read-only at /models/volume in runner pods, JSON: a PVC
+    #: {"persistentVolumeClaim": {"claimName": "..."}} or an image volume
+    #: {"image": {"reference": "...", "pullPolicy": "IfNotPresent"}} (Kubernetes >= 1.31 with
+    #: the ImageVolume feature gate). Empty: models come from the runner image only.
+    RUNNER_MODELS_VOLUME: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     #: The runner's own Secret: keys DB_PASSWORD (its database login, a member of role
     #: dharma_runner) and WEBDAV_PASSWORD, each taken by secretKeyRef (jobspec
     #: RUNNER_SECRET_KEYS); nothing else in it reaches a runner, no value is copied.
@@ -205,7 +218,8 @@ class ControllerSettings(DatabaseSettings):
 
     @field_validator(
         "RUNNER_IMAGE_PULL_SECRETS", "RUNNER_NODE_SELECTOR", "RUNNER_TOLERATIONS",
-        "RUNNER_AFFINITY", "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", mode="before",
+        "RUNNER_AFFINITY", "RUNNER_POD_LABELS", "RUNNER_POD_ANNOTATIONS", "RUNNER_MODELS_VOLUME",
+        mode="before",
     )  # fmt: skip
     @classmethod
     def _json(cls, value: Any, info: ValidationInfo) -> Any:
@@ -226,4 +240,57 @@ class ControllerSettings(DatabaseSettings):
         bad = [name for name in value if not re.fullmatch(_OBJECT_NAME, name)]
         if bad:
             raise ValueError(f"{bad[0]!r} is not a Secret name")
+        return value
+
+    @field_validator("WHISPER_MODELS")
+    @classmethod
+    def _model_memory(
+        cls, value: dict[str, ModelEntry], info: ValidationInfo
+    ) -> dict[str, ModelEntry]:
+        """Each model's memory parses as every launch will parse it, and fits under
+        RUNNER_MEMORY_LIMIT_MAX (declared before it), or its first attempt could not start."""
+        cap = info.data.get("RUNNER_MEMORY_LIMIT_MAX")
+        for name, entry in value.items():
+            if entry.memory is None:
+                continue
+            size = parse_bytes(entry.memory)
+            if size <= 0:
+                raise ValueError(f"model {name!r}: memory must be more than 0")
+            if cap is not None and size > parse_bytes(cap):
+                raise ValueError(
+                    f"model {name!r}: memory {entry.memory} is above "
+                    f"RUNNER_MEMORY_LIMIT_MAX ({cap})"
+                )
+        return value
+
+    @field_validator("RUNNER_MODELS_VOLUME")
+    @classmethod
+    def _models_volume(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """One source, of a kind runner pods may mount read-only, with what it needs: the
+        Job carries it as is, so a mistake is refused here, not by every launch."""
+        if not value:
+            return value
+        if len(value) != 1 or next(iter(value)) not in _MODELS_VOLUME_KINDS:
+            raise ValueError(
+                "must name one source, persistentVolumeClaim or image, e.g. "
+                + _JSON_EXAMPLES["RUNNER_MODELS_VOLUME"]
+            )
+        kind, source = next(iter(value.items()))
+        required = _MODELS_VOLUME_KINDS[kind]
+        if not isinstance(source, dict) or not isinstance(source.get(required), str):
+            raise ValueError(f"{kind} needs {required}")
+        allowed = {required, "pullPolicy"} if kind == "image" else {required, "readOnly"}
+        if set(source) - allowed:
+            raise ValueError(f"{kind} takes only {', '.join(sorted(allowed))}")
+        if kind == "persistentVolumeClaim":
+            if not re.fullmatch(_OBJECT_NAME, source[required]) or len(source[required]) > 253:
+                raise ValueError(f"{source[required]!r} is not a PersistentVolumeClaim name")
+            if source.get("readOnly", True) is not True:
+                raise ValueError("the models volume is mounted read-only (readOnly: true)")
+        else:
+            if not source[required] or any(c.isspace() for c in source[required]):
+                raise ValueError("image.reference must be an image reference")
+            policy = source.get("pullPolicy", "IfNotPresent")
+            if policy not in ("Always", "IfNotPresent", "Never"):
+                raise ValueError("image.pullPolicy must be Always, IfNotPresent or Never")
         return value

@@ -47,7 +47,7 @@ class MissingInstallation(Exception):
 
 def _row(values: Sequence[Any]) -> JobRow:
     (job_id, media_id, status, attempts, max_attempts, runner_name, result_attempt,
-     memory_limit, started, claimed_by, attempts_base) = values  # fmt: skip
+     memory_limit, started, claimed_by, attempts_base, model) = values  # fmt: skip
     return JobRow(
         id=job_id,
         media_id=media_id if isinstance(media_id, uuid.UUID) else uuid.UUID(str(media_id)),
@@ -60,6 +60,7 @@ def _row(values: Sequence[Any]) -> JobRow:
         processing_started_at=started,
         claimed_by=claimed_by,
         attempts_base=attempts_base,
+        model=model,
     )
 
 

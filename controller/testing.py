@@ -92,6 +92,7 @@ class StoredRow:
     finished_at: dt.datetime | None = None
     error_message: str | None = None
     failure_reason: str | None = None
+    model: str | None = None
 
     def job_row(self) -> JobRow:
         return JobRow(
@@ -106,6 +107,7 @@ class StoredRow:
             processing_started_at=self.processing_started_at,
             claimed_by=self.claimed_by,
             attempts_base=self.attempts_base,
+            model=self.model,
         )
 
 
@@ -136,6 +138,7 @@ class InMemoryStore:
         max_attempts: int = 3,
         memory_limit: str | None = None,
         due_in: float = 0.0,
+        model: str | None = None,
     ) -> int:
         """A new pending row (its own new media unless `media_id`), as an upload makes."""
         row = StoredRow(
@@ -145,6 +148,7 @@ class InMemoryStore:
             priority=priority,
             max_attempts=max_attempts,
             memory_limit=memory_limit,
+            model=model,
         )
         self.rows[row.id] = row
         return row.id

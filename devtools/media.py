@@ -230,24 +230,31 @@ def make_mandarin_speech(directory: Path, sentences: tuple[str, ...] = MANDARIN_
     """A WAV (16 kHz mono) of `sentences` spoken in Mandarin by espeak-ng, each followed by
     0.6 s of silence. Needs Debian's `espeak-ng` (scripts/bootstrap installs it)."""
     import hashlib
-    import shutil
 
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
     key = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
     path = directory / f"mandarin-{key}.wav"
     if path.exists():
         return path
+    return espeak(path, "cmn-latn-pinyin", sentences)
+
+
+def espeak(path: Path, voice: str, sentences: tuple[str, ...], speed: int = 150) -> Path:
+    """`sentences` spoken by espeak-ng's `voice` into `path` (16 kHz mono WAV), 0.6 s of
+    silence after each (a pause the runner's windows may cut at)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
     parts = []
     for number, sentence in enumerate(sentences):
-        raw = directory / f"mandarin-{key}-{number}.wav"
+        raw = path.with_name(f"{path.stem}-{number}.wav")
         subprocess.run(
-            ["espeak-ng", "-v", "cmn-latn-pinyin", "-s", "150", "-w", str(raw), sentence],
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), sentence],
             check=True, capture_output=True,
         )  # fmt: skip
         parts.append(raw)
     inputs = [arg for part in parts for arg in ("-i", str(part))]
-    chain = "".join(f"[{n}:a]apad=pad_dur=0.6[a{n}];" for n in range(len(parts)))
+    chain = "".join(f"[{n}:a]aresample=16000,apad=pad_dur=0.6[a{n}];" for n in range(len(parts)))
     chain += "".join(f"[a{n}]" for n in range(len(parts)))
     chain += f"concat=n={len(parts)}:v=0:a=1[out]"
     subprocess.run(

@@ -28,6 +28,7 @@ from types import FrameType
 from dharma_common.logs import current_context, log_context
 from jobrunner.errors import BadMediaError, FencedOut, TemporaryError
 from jobrunner.ffmpeg import FFmpegProcess, run_ffmpeg
+from jobrunner.models import chosen_model, verify_model
 from jobrunner.paths import ArtifactLayout, dav_segments, source_extension, url_path
 from jobrunner.plan import (
     EncodeOptions,
@@ -42,7 +43,7 @@ from jobrunner.script import Speech, check_prompt, convert_segments, parse_langu
 from jobrunner.settings import RunnerSettings
 from jobrunner.store import Attempt, RunnerStore
 from jobrunner.subtitles import Segment, clean_segments, render_webvtt
-from jobrunner.transcribe import Transcriber, WhisperCpp, check_language
+from jobrunner.transcribe import Budget, Transcriber, WhisperCpp, check_language
 from jobrunner.webdav import WebDAVClient
 
 log = logging.getLogger("jobrunner")
@@ -302,12 +303,16 @@ def run_attempt(
 ) -> None:
     """Process one claimed attempt; raises a `RunnerError` subclass on failure."""
     stop = _Stop()
+    model = chosen_model(settings)
     make_transcriber = transcriber or (
         lambda: WhisperCpp(
-            settings.WHISPER_MODEL,
+            model.path,
             settings.WHISPER_THREADS,
             settings.WHISPER_BEAM_SIZE,
             settings.WHISPER_WINDOW_SECONDS,
+            budget=Budget(
+                settings.TRANSCRIBE_BUDGET_FACTOR, settings.TRANSCRIBE_BUDGET_FLOOR_SECONDS
+            ),
         )
     )
     with _sigterm(stop), log_context(job_id=job_id, attempt=attempt):
@@ -318,6 +323,9 @@ def run_attempt(
                 layout = ArtifactLayout.for_media(job.category_id, job.created_at, job.media_id)
                 source = dav_segments(job.source_path, "media source_path")
                 speech = job_speech(settings, job)
+                if transcriber is None:
+                    # Before the download: a wrong model fails in a second, not after it.
+                    verify_model(model)
                 settings.SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
                 scratch = Path(
                     tempfile.mkdtemp(

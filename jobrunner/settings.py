@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
+from dharma_common.models import BASE_MODEL, Catalog, default_catalog, unknown_model
 from dharma_common.settings import DatabaseSettings
 from jobrunner.errors import PermanentError
 from jobrunner.script import Script, check_prompt, parse_language
@@ -47,7 +48,19 @@ class RunnerSettings(DatabaseSettings):
     HLS_BITRATE: str = Field(default="2000k", pattern=_BITRATE)
     HLS_SHARD_SECONDS: int = Field(default=6, ge=1, le=60)
     AUDIO_BITRATE: str = Field(default="128k", pattern=_BITRATE)
-    WHISPER_MODEL: Path = Path("/models/ggml-base.bin")
+    #: The model catalog, JSON {name: {"file", "sha256", "memory"}} (dharma_common/models.py);
+    #: the same value as the controller's. Default: the image's `base`.
+    WHISPER_MODELS: Annotated[Catalog, NoDecode] = Field(default_factory=default_catalog)
+    #: The directory the catalog's files are relative to (the image's models; a volume the
+    #: chart mounts is at /models/volume).
+    WHISPER_MODELS_DIR: Path = Path("/models")
+    #: The model of a job that names none: a catalog name, or (as before the catalog) the
+    #: path of a ggml file, which is used as is, unverified, unless it is a catalog entry's
+    #: file. The controller sets it for a job whose row names its model.
+    WHISPER_MODEL: str = Field(default=BASE_MODEL, min_length=1, max_length=4096)
+    #: The SHA-256 of the file WHISPER_MODEL names by path, as the image that baked it says
+    #: (Dockerfile.worker sets both); checked instead of the catalog's (jobrunner/models.py).
+    WHISPER_MODEL_SHA256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     #: A whisper language, or a Chinese tag naming the script (zh-Hans, zh-TW; script.py).
     WHISPER_LANGUAGE: str = "zh"
     #: The script Chinese transcripts are written in when the language tag names none
@@ -70,6 +83,11 @@ class RunnerSettings(DatabaseSettings):
     #: it (jobrunner/windows.py). It bounds the runner's memory, whatever the talk's length:
     #: about 4 MB per minute of window (docs/performance.md, long talks).
     WHISPER_WINDOW_SECONDS: int = Field(default=300, ge=30, le=3600)
+    #: Transcription may take TRANSCRIBE_BUDGET_FLOOR_SECONDS + this x the seconds of audio
+    #: whisper is given; beyond it the attempt fails permanently with the budget named
+    #: (jobrunner/transcribe.py Budget; docs/performance.md "Hard audio").
+    TRANSCRIBE_BUDGET_FACTOR: float = Field(default=1.0, gt=0, le=100)
+    TRANSCRIBE_BUDGET_FLOOR_SECONDS: float = Field(default=120.0, ge=0, le=86400)
     #: Transcribe while x264 re-encodes the video (True) or after it (False). Stream-copy and
     #: audio-only runs always overlap: their FFmpeg pass is light. bench/tuning.py table 1.
     OVERLAP_VIDEO_ENCODE: bool = False
@@ -82,6 +100,16 @@ class RunnerSettings(DatabaseSettings):
     HTTP_BACKOFF_SECONDS: float = Field(default=1.0, ge=0.0)
     UPLOAD_CONCURRENCY: int = Field(default=4, ge=1, le=32)
     LOG_LEVEL: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("WHISPER_MODEL")
+    @classmethod
+    def _model(cls, value: str, info: ValidationInfo) -> str:
+        """A name must be in the catalog (validated before it: `info.data`); a value with a
+        `/` is a file's path (the configuration of releases before the catalog)."""
+        catalog = info.data.get("WHISPER_MODELS")
+        if "/" in value or catalog is None or value in catalog:
+            return value
+        raise ValueError(unknown_model(value, catalog) + ", or the path of a ggml file")
 
     @field_validator("WHISPER_LANGUAGE")
     @classmethod

@@ -9,7 +9,9 @@ production image builds the same bindings from source with OpenBLAS (Dockerfile.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +31,92 @@ _WINDOW = FRAME_SAMPLES
 #: base model wrote one line and then another nine times), so a segment whose every window
 #: is silent is dropped, and audio that is silent throughout is not transcribed at all.
 SILENCE_DBFS = -60.0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """whisper.cpp's decoding knobs that decide how much work a hard window costs; the
+    defaults are whisper.cpp's own. When a window's decode fails its checks (average
+    log-probability below `logprob_thold`, or text so repetitive that its entropy is below
+    `entropy_thold`), whisper.cpp decodes it again at a temperature `temperature_inc` higher,
+    with `best_of` candidates, up to temperature 1.0: with the defaults, up to 25 more
+    decodes of the window. `max_tokens` caps the tokens of one segment (0: no cap) and
+    `suppress_nst` forbids non-speech tokens (music notes, [MUSIC] and the like)."""
+
+    temperature_inc: float = 0.2
+    best_of: int = 5
+    entropy_thold: float = 2.4
+    logprob_thold: float = -1.0
+    no_speech_thold: float = 0.6
+    max_tokens: int = 0
+    suppress_nst: bool = False
+    #: The encoder's context in 20 ms steps (0: whisper's full 1500, a 30 s frame). Smaller is
+    #: faster but shows whisper only the start of each frame (bench/models.py measures it).
+    audio_ctx: int = 0
+
+    def params(self) -> dict[str, Any]:
+        """As keyword arguments of pywhispercpp's `Model.transcribe`."""
+        return {
+            "temperature_inc": self.temperature_inc,
+            "greedy": {"best_of": self.best_of},
+            "entropy_thold": self.entropy_thold,
+            "logprob_thold": self.logprob_thold,
+            "no_speech_thold": self.no_speech_thold,
+            "max_tokens": self.max_tokens,
+            "suppress_nst": self.suppress_nst,
+            "audio_ctx": self.audio_ctx,
+        }
+
+
+#: whisper.cpp's defaults: what the runner used before issue 12 ("before" in bench/hardaudio.py).
+WHISPER_DEFAULTS = Decoding()
+#: The runner's choice, by measurement (docs/performance.md, "Hard audio"): no temperature
+#: fallback, so every 30 s frame is decoded once whatever the audio. On music, noise, bells
+#: and synthetic voices the fallback changed little in the text but multiplied the time,
+#: most under CPU pressure; on clean speech it changed nothing (same text, WER unchanged).
+BOUNDED = Decoding(temperature_inc=0.0)
+#: whisper.cpp's flash attention: on, as whisper.cpp 1.8 defaults to, but stated here so that
+#: a change of the bindings' default cannot change the runner. Off, base took 1.17x the time
+#: and 88 MiB more peak memory for the same words (bench/models.py; docs/performance.md,
+#: "Models and quantization").
+FLASH_ATTENTION = True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long transcription may take: `floor` + `factor` x the seconds of audio whisper is
+    given (silence the runner skips does not count). A runaway decode becomes a permanent,
+    named failure long before the Job's deadline (TRANSCRIBE_BUDGET_FACTOR,
+    TRANSCRIBE_BUDGET_FLOOR_SECONDS), instead of a timeout after hours."""
+
+    factor: float = 1.0
+    floor: float = 120.0
+
+    def seconds(self, audio_seconds: float) -> float:
+        return self.floor + self.factor * audio_seconds
+
+    def exceeded(self, allowed: float, audio_seconds: float) -> PermanentError:
+        return PermanentError(
+            f"transcription exceeded its budget of {allowed:.0f} s for {audio_seconds:.0f} s "
+            f"of audio (TRANSCRIBE_BUDGET_FACTOR={self.factor:g}, "
+            f"TRANSCRIBE_BUDGET_FLOOR_SECONDS={self.floor:g}): whisper could not decode this "
+            "audio in time (music, noise or chanting it keeps re-decoding, or a starved CPU)"
+        )
+
+
+class BudgetClock:
+    """The abort callback's budget half: true once `allowed` seconds have passed since it
+    was made; `tripped` records that it said so (whisper stopped early)."""
+
+    def __init__(self, allowed: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._deadline = None if allowed is None else clock() + allowed
+        self.tripped = False
+
+    def __call__(self) -> bool:
+        if self._deadline is not None and self._clock() > self._deadline:
+            self.tripped = True
+        return self.tripped
 
 
 class Transcriber(Protocol):
@@ -84,12 +172,21 @@ class WhisperCpp:
     """One loaded model; `transcribe` may be called many times (the benchmark does)."""
 
     def __init__(
-        self, model_path: Path, threads: int, beam_size: int = 0, window_seconds: int = 600
+        self,
+        model_path: Path,
+        threads: int,
+        beam_size: int = 0,
+        window_seconds: int = 600,
+        decoding: Decoding = BOUNDED,
+        budget: Budget | None = None,
+        flash_attn: bool = FLASH_ATTENTION,
     ) -> None:
         """`beam_size` 0 or 1 decodes greedily (whisper.cpp's default); 2 or more uses beam
         search with that many beams (WHISPER_BEAM_SIZE; bench/tuning.py weighs the cost).
         `window_seconds` is the longest stretch of audio given to whisper at once
-        (WHISPER_WINDOW_SECONDS; jobrunner/windows.py)."""
+        (WHISPER_WINDOW_SECONDS; jobrunner/windows.py). `decoding` bounds the work of a hard
+        window, `budget` (None: unbounded) the time of the whole transcription. `flash_attn`
+        is set explicitly (FLASH_ATTENTION), not left to the bindings' default."""
         if not model_path.is_file():
             raise PermanentError(f"whisper model {model_path} does not exist (WHISPER_MODEL)")
         from pywhispercpp.model import Model
@@ -98,6 +195,8 @@ class WhisperCpp:
         self._threads = threads
         self.cuts = Cuts.for_seconds(window_seconds)
         self.beam_size = beam_size if beam_size > 1 else 0
+        self.decoding = decoding
+        self.budget = budget
         strategy: dict[str, Any] = (
             {"params_sampling_strategy": 1,
              "beam_search": {"beam_size": self.beam_size, "patience": -1.0}}
@@ -112,6 +211,7 @@ class WhisperCpp:
                 print_progress=False,
                 print_realtime=False,
                 print_timestamps=False,
+                context_params={"flash_attn": flash_attn},
                 **strategy,
             )
         except RunnerError:  # e.g. SIGTERM while loading: not the model's fault
@@ -152,6 +252,44 @@ class WhisperCpp:
             on_progress(1.0)
             return []
         total_ms = levels.size * FRAME_MS
+        speech_s = sum(w.end - w.start for w in windows) * FRAME_MS / 1000
+        allowed = self.budget.seconds(speech_s) if self.budget else None
+        self._log_decoding(language, prompt, len(windows), speech_s, allowed)
+        over_budget = BudgetClock(allowed)
+
+        def abort() -> bool:
+            return should_abort() or over_budget()
+
+        buffers = WindowBuffers(max(w.end_sample - w.start_sample for w in windows))
+        segments: list[Segment] = []
+        for number, window in enumerate(windows):
+            if should_abort() or over_budget():
+                break
+            audio = buffers.read(pcm, window.start_sample, window.end_sample)
+            found = self._transcribe_window(
+                audio, window, language, number > 0, total_ms, on_progress, abort,
+                prompt="" if number else prompt,
+            )  # fmt: skip
+            segments += to_talk_time(found, window)
+        del buffers
+        if over_budget.tripped and not should_abort() and self.budget and allowed is not None:
+            log.warning(
+                "transcription over its budget",
+                extra={"action": "transcription_over_budget", "budget_seconds": round(allowed),
+                       "speech_seconds": round(speech_s, 1), "segments": len(segments)},
+            )  # fmt: skip
+            raise self.budget.exceeded(allowed, speech_s)
+        kept = drop_silent(segments, levels, SILENCE_DBFS)
+        if len(kept) < len(segments):
+            log.info(
+                "dropped segments over silence",
+                extra={"action": "silent_segments_dropped", "dropped": len(segments) - len(kept)},
+            )
+        return kept
+
+    def _log_decoding(
+        self, language: str, prompt: str, windows: int, speech_s: float, allowed: float | None
+    ) -> None:
         params = self._model._params
         log.info(
             "whisper decoding",
@@ -160,31 +298,18 @@ class WhisperCpp:
                 "threads": params.n_threads,
                 "strategy": str(params.strategy).rsplit(".", 1)[-1],
                 "beam_size": params.beam_search["beam_size"] if self.beam_size else 0,
-                "windows": len(windows),
+                "windows": windows,
                 "window_seconds": self.cuts.max_frames * FRAME_MS // 1000,
                 "language": language,
                 "prompt_chars": len(prompt),
+                "speech_seconds": round(speech_s, 1),
+                "budget_seconds": None if allowed is None else round(allowed, 1),
+                "temperature_inc": self.decoding.temperature_inc,
+                "best_of": self.decoding.best_of,
+                "flash_attn": bool(self._model._context_params.flash_attn),
+                "audio_ctx": self.decoding.audio_ctx,
             },
         )
-        buffers = WindowBuffers(max(w.end_sample - w.start_sample for w in windows))
-        segments: list[Segment] = []
-        for number, window in enumerate(windows):
-            if should_abort():
-                break
-            audio = buffers.read(pcm, window.start_sample, window.end_sample)
-            found = self._transcribe_window(
-                audio, window, language, number > 0, total_ms, on_progress, should_abort,
-                prompt="" if number else prompt,
-            )  # fmt: skip
-            segments += to_talk_time(found, window)
-        del buffers
-        kept = drop_silent(segments, levels, SILENCE_DBFS)
-        if len(kept) < len(segments):
-            log.info(
-                "dropped segments over silence",
-                extra={"action": "silent_segments_dropped", "dropped": len(segments) - len(kept)},
-            )
-        return kept
 
     def _transcribe_window(
         self,
@@ -221,6 +346,7 @@ class WhisperCpp:
                 n_threads=self._threads,
                 no_context=not carry_context,
                 initial_prompt=prompt,
+                **self.decoding.params(),
             )
         except RunnerError:
             raise

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,8 +41,10 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTBED = REPO_ROOT / "scripts" / "testbed"
+from devtools.testbed import REPO, SCRIPT, Sessions, run_script
+
+REPO_ROOT = REPO
+TESTBED = SCRIPT
 
 # Label on every namespace the fixtures create, so strays are easy to find.
 E2E_LABEL = "dharma-stream.test/e2e"
@@ -87,28 +90,6 @@ def wait_until(
                 f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
             )
         time.sleep(interval)
-
-
-def _testbed(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run ``scripts/testbed`` for this test session (process).
-
-    Its progress goes to the (captured) terminal. The session id lets the
-    script keep the testbed up while any other test session still uses it.
-    """
-    return subprocess.run(
-        [str(TESTBED), *args],
-        check=True,
-        text=True,
-        stdout=subprocess.PIPE if capture else None,
-        cwd=REPO_ROOT,
-        env={**os.environ, "DHARMA_TESTBED_SESSION": str(os.getpid())},
-    )
-
-
-def _testbed_kubeconfig() -> Path:
-    """The kubeconfig path, from ``scripts/testbed env`` (``export KUBECONFIG=...``)."""
-    out = _testbed("env", capture=True).stdout.strip()
-    return Path(out.partition("=")[2])
 
 
 def _cri_log(lines: list[str]) -> str:
@@ -195,7 +176,7 @@ class Kube:
                 "restarting the API server needs the local testbed (scripts/testbed"
                 " restart-apiserver); another cluster's API server is not ours to restart"
             )
-        _testbed("restart-apiserver")
+        run_script(["restart-apiserver"])
 
     def attach_logs(
         self, namespace: str, pod: str, container: str, path: Path, *, cri: bool = False
@@ -272,9 +253,9 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         api_client.close()  # type: ignore[no-untyped-call]
         return
 
-    _testbed("build")
-    _testbed("up")
-    kubeconfig = _testbed_kubeconfig()
+    run_script(["build"])
+    sessions = Sessions()
+    kubeconfig = sessions.up()
     api_client = _api_client(kubeconfig)
     cluster = Kube(
         kubeconfig,
@@ -287,7 +268,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     yield cluster
     _wait_namespaces_deleted(cluster)
     api_client.close()  # type: ignore[no-untyped-call]
-    _testbed("release", str(os.getpid()))
+    print(f"testbed: {sessions.release()}", file=sys.stderr)
 
 
 def _list_fake_nodes(api_client: client.ApiClient) -> list[str]:
@@ -342,7 +323,7 @@ class RealNode:
     def import_image(self, tarball: Path) -> list[str]:
         """Import a docker-archive/OCI tarball into the node's containerd (skipped if it
         already has it); returns the image names."""
-        out = _testbed("node-import", str(tarball), capture=True).stdout
+        out = run_script(["node-import", str(tarball)])
         return out.split()
 
 
@@ -353,7 +334,7 @@ def real_node(kube: Kube) -> RealNode:
     ...) and on clusters other than the testbed."""
     if not kube.is_testbed:
         pytest.skip("needs the local testbed's real kubelet node (scripts/testbed node-info)")
-    info = json.loads(_testbed("node-info", capture=True).stdout)
+    info = json.loads(run_script(["node-info"]))
     if "skip" in info:
         message = f"the testbed's real node is not running: {info['skip']}"
         if os.environ.get("CI"):  # CI runs on a machine that can: a skip would hide a failure

@@ -12,6 +12,7 @@ import json
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,6 +20,7 @@ import yaml
 from controller.jobspec import Instance, LaunchSpec, build_job
 from controller.settings import ControllerSettings
 from dharma_common.contract import LABEL_INSTANCE, LABEL_MEDIA_ID
+from dharma_common.models import default_catalog
 from jobrunner.settings import RunnerSettings
 from tests.deploy.chart import (
     CHART,
@@ -130,7 +132,11 @@ def test_default_values_give_valid_settings() -> None:
         == settings.RUNNER_CONFIGMAP_NAME
     )
     runner = runner_settings(manifests)
-    assert str(runner.WHISPER_MODEL) == "/models/ggml-base.bin"
+    # No WHISPER_MODEL in the ConfigMap: the image's own (`base`, /models/ggml-base.bin).
+    assert runner.WHISPER_MODEL == "base"
+    # One catalog for both programs, and it is the programs' own default (the image's model).
+    assert runner.WHISPER_MODELS == settings.WHISPER_MODELS == default_catalog()
+    assert settings.RUNNER_MODELS_VOLUME == {}
     assert runner.WHISPER_LANGUAGE == "zh"
     assert runner.WEBDAV_BASE_URL == "https://dav.example.org/media"
 
@@ -177,6 +183,11 @@ def test_full_values_reach_the_settings_unchanged() -> None:
     assert parsed.CHINESE_SCRIPT == "taiwan"
     assert runner["config"]["WHISPER_PROMPTS"] == parsed.WHISPER_PROMPTS
     assert parsed.OVERLAP_VIDEO_ENCODE is True
+    assert sorted(parsed.WHISPER_MODELS) == sorted(settings.WHISPER_MODELS) == ["base", "small"]
+    assert settings.WHISPER_MODELS["small"].memory == "2Gi"
+    assert settings.RUNNER_MODELS_VOLUME == {
+        "persistentVolumeClaim": {"claimName": "whisper-models"}
+    }
 
 
 def test_runner_job_built_from_chart_values_uses_the_charts_objects() -> None:
@@ -639,3 +650,73 @@ def test_notes_say_when_runners_share_the_controllers_login() -> None:
     assert "IN ROLE dharma_runner" in notes()
     assert "IN ROLE dharma_runner" not in notes("runner.database.user=r")
     assert 'Pod Security "restricted"' in notes()
+
+
+# ------------------------------------------------------------ models (issue 12, item 3) ---
+
+SMALL = {"file": "volume/ggml-small.bin", "sha256": "1" * 64, "memory": "3Gi"}
+
+
+def _models_job(manifests: list[Manifest], model: str | None) -> Manifest:
+    settings = controller_settings(manifests)
+    spec = LaunchSpec(7, 1, "0b6f9c1e-8f43-4d1e-9a55-0d7b7c1f2a10", None, model)
+    return build_job(settings, spec, Instance(settings.INSTANCE_NAME, uuid.uuid4()))
+
+
+@pytest.mark.parametrize(
+    ("values", "volume"),
+    [(["models.persistentVolumeClaim.claimName=whisper-models"],
+      {"persistentVolumeClaim": {"claimName": "whisper-models", "readOnly": True}}),
+     (["models.image.reference=registry.example.org/whisper-models:v3",
+       "models.image.pullPolicy=Always"],
+      {"image": {"reference": "registry.example.org/whisper-models:v3",
+                 "pullPolicy": "Always"}})],
+    ids=["pvc", "image"],
+)  # fmt: skip
+def test_models_volume_reaches_the_runner_pods_read_only(
+    values: list[str], volume: dict[str, Any]
+) -> None:
+    """The chart's models values become RUNNER_MODELS_VOLUME and the catalog WHISPER_MODELS
+    of both programs; the Job the controller builds from them mounts the volume read-only at
+    /models/volume and sizes a job naming `small` by the catalog's memory."""
+    catalog = {"base": default_catalog()["base"].model_dump(exclude_none=True), "small": SMALL}
+    manifests = render(set_values=[*MINIMAL_SET, *values,
+                                   f"models.catalog.small.file={SMALL['file']}",
+                                   f"models.catalog.small.sha256={SMALL['sha256']}",
+                                   f"models.catalog.small.memory={SMALL['memory']}"])  # fmt: skip
+    assert json.loads(controller_env(manifests)["WHISPER_MODELS"]) == catalog
+    assert json.loads(runner_env(manifests)["WHISPER_MODELS"]) == catalog
+    runner, controller = runner_settings(manifests), controller_settings(manifests)
+    assert runner.WHISPER_MODELS == controller.WHISPER_MODELS
+    pod = _models_job(manifests, "small")["spec"]["template"]["spec"]
+    assert pod["volumes"][1] == {"name": "models", **volume}
+    container = pod["containers"][0]
+    assert {"name": "models", "mountPath": "/models/volume", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    assert {"name": "WHISPER_MODEL", "value": "small"} in container["env"]
+    assert container["resources"]["limits"]["memory"] == "3Gi"
+
+
+def test_no_models_volume_by_default() -> None:
+    pod = _models_job(render(set_values=MINIMAL_SET), None)["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["scratch"]
+
+
+def test_two_models_volumes_are_refused() -> None:
+    error = _template_error(*MINIMAL_SET, "models.persistentVolumeClaim.claimName=m",
+                            "models.image.reference=r/m:1")  # fmt: skip
+    assert "not both" in error
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["models.catalog.x.file=../etc/passwd", "models.catalog.base.sha256=abc",
+     "models.catalog.base.memory=500m", "models.persistentVolumeClaim.claimName=Bad_Name",
+     "models.image.pullPolicy=Sometimes"],
+)  # fmt: skip
+def test_schema_refuses_bad_models_values(setting: str) -> None:
+    result = helm("template", "t", str(CHART), "--set", setting,
+                  *values_args(set_values=MINIMAL_SET), check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "/models" in result.stderr

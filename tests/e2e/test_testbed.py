@@ -376,6 +376,9 @@ class ConfigMapWatcher(threading.Thread):
                     _request_timeout=(5, 300),
                 )
                 for event in stream:
+                    if event["type"] == "ERROR":  # e.g. 410: the restarted server's cache
+                        version = None  # starts after our version; relist
+                        break
                     meta = event["object"].metadata
                     version = meta.resource_version
                     if event["type"] in ("ADDED", "MODIFIED"):

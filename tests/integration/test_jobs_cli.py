@@ -225,6 +225,56 @@ def test_enqueue_one_media_and_never_twice(jobs: Jobs) -> None:
     assert jobs.one("SELECT count(*) FROM dharma.stt_jobs WHERE media_id = %s", media) == 1
 
 
+def test_enqueue_with_a_model_and_an_initial_prompt(jobs: Jobs) -> None:
+    """Issue 12: a job's model (migration 0009) and initial prompt (0008) from the command
+    line, shown by `jobs show`; a name the row's constraint would refuse is a usage error."""
+    media = jobs.media()
+    prompt = "以下是法師的開示。"
+    result = jobs.run("enqueue", str(media), "--model", "tiny.en", "--initial-prompt", prompt)
+    assert result.returncode == 0, result.stderr
+    (job_id,) = [r["id"] for r in jobs.json("list", "--media", str(media))]
+    row = jobs.row(job_id)
+    assert (row["model"], row["initial_prompt"]) == ("tiny.en", "以下是法師的開示。")
+    shown = jobs.run("show", str(job_id)).stdout
+    assert "model:                tiny.en" in shown
+    assert "initial prompt:       '以下是法師的開示。'" in shown
+    assert jobs.json("show", str(job_id))["model"] == "tiny.en"
+
+    other = jobs.media()
+    assert jobs.run("enqueue", str(other), "--initial-prompt", "").returncode == 0
+    (plain,) = [r["id"] for r in jobs.json("list", "--media", str(other))]
+    assert (jobs.row(plain)["model"], jobs.row(plain)["initial_prompt"]) == (None, "")
+    shown = jobs.run("show", str(plain)).stdout
+    assert "model:                (WHISPER_MODEL)" in shown
+
+    third = jobs.media()
+    for args in (["--model", "../ggml-base.bin"], ["--model", "a" * 65], ["--model", ""],
+                 ["--initial-prompt", "字" * 401], ["--initial-prompt", "a\x07b"]):  # fmt: skip
+        refused = jobs.run("enqueue", str(third), *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+    assert jobs.one("SELECT count(*) FROM dharma.stt_jobs WHERE media_id = %s", third) == 0
+
+
+def test_the_cli_prompt_limit_is_the_runners() -> None:
+    from controller.jobs_cli import MAX_PROMPT_CHARS
+    from jobrunner.script import MAX_PROMPT_CHARS as RUNNER_MAX
+
+    assert MAX_PROMPT_CHARS == RUNNER_MAX
+
+
+def test_the_database_refuses_a_model_name_that_is_no_catalog_key(jobs: Jobs) -> None:
+    """Migration 0009's constraint: whatever writes the row (an admin's INSERT), a name with a
+    path's characters never gets in."""
+    import psycopg2
+
+    media = jobs.media()
+    for bad in ("../../etc/passwd", "/models/ggml-base.bin", "a b", "-x", "a" * 65, ""):
+        with pytest.raises(psycopg2.errors.CheckViolation, match="stt_jobs_model_name"):
+            jobs.job(media, model=bad)
+    for good in ("base", "tiny.en", "large-v3-turbo-q5_0", "a" * 64):
+        jobs.job(media, "completed", model=good)
+
+
 def test_enqueue_of_an_unknown_media_is_refused(jobs: Jobs) -> None:
     missing = uuid.uuid4()
     result = jobs.run("enqueue", str(missing))

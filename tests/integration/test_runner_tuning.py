@@ -50,6 +50,7 @@ def test_reencoded_video_is_converted_before_whisper_starts_by_default(
     decoding = _event(events, "whisper_decoding")
     assert decoding == decoding | {
         "threads": 2, "strategy": "WHISPER_SAMPLING_GREEDY", "beam_size": 0,
+        "flash_attn": True, "audio_ctx": 0,  # docs/performance.md, models and quantization
     }  # fmt: skip
 
 

@@ -212,19 +212,23 @@ def test_stop_without_start_returns_at_once() -> None:
 
 
 class FakeEvents:
+    """The executor's JSON poster (controller/kube.py JsonPosts), recording Events."""
+
     def __init__(self) -> None:
         self.created: list[tuple[str, dict[str, Any]]] = []
         self.done = threading.Event()
 
-    def create_namespaced_event(self, namespace: str, body: dict[str, Any], **kw: Any) -> None:
+    def post(self, path: str, namespace: str, body: dict[str, Any], timeout: float) -> Any:
+        assert path == "/apis/events.k8s.io/v1/namespaces/{namespace}/events"
         self.created.append((namespace, body))
         self.done.set()
+        return body
 
 
 def kube_executor() -> tuple[KubernetesExecutor, FakeEvents]:
     kube = KubernetesExecutor(SETTINGS, client.ApiClient(), Metrics(), instance=INSTANCE)
     events = FakeEvents()
-    kube._events_api = events
+    kube._posts = events  # type: ignore[assignment]
     kube._events.start()
     return kube, events
 

@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller.jobspec import Instance, LaunchSpec, build_job, job_name
-from controller.kube import KubernetesExecutor
+from controller.kube import JsonPosts, KubernetesExecutor
 from controller.kubestate import foreign_labels
 from controller.metrics import Metrics
 from controller.model import NOT_FOUND, Phase, RunnerKey
@@ -70,10 +70,12 @@ def test_foreign_labels(job: dict[str, Any], expected: str | None) -> None:
 
 
 class FakeBatch:
+    """A Job of this name exists (`found`): creating answers AlreadyExists, reading finds it."""
+
     def __init__(self, found: dict[str, Any]) -> None:
         self.found = found
 
-    def create_namespaced_job(self, *args: Any, **kwargs: Any) -> Any:
+    def post(self, *args: Any, **kwargs: Any) -> Any:
         raise ApiException(status=409, reason="Conflict")
 
     def read_namespaced_job(self, *args: Any, **kwargs: Any) -> Any:
@@ -82,7 +84,7 @@ class FakeBatch:
 
 def executor(found: dict[str, Any]) -> KubernetesExecutor:
     kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
-    kube._batch = FakeBatch(found)
+    kube._batch = kube._posts = FakeBatch(found)  # type: ignore[assignment]
     return kube
 
 
@@ -174,7 +176,8 @@ def test_a_failed_launch_is_observed_until_it_succeeds_or_is_forgotten() -> None
     kube.forget(KEY)
     assert kube.observe(KEY) == NOT_FOUND
     kube.launch([SPEC])
-    kube._batch = FakeBatch(existing())  # the conflicting Job is gone; ours is found
+    # The conflicting Job is gone; ours is found.
+    kube._batch = kube._posts = FakeBatch(existing())  # type: ignore[assignment]
     (result,) = kube.launch([SPEC])
     assert result.runner_name == NAME
     assert kube._launch_errors.get(KEY) is None
@@ -212,3 +215,107 @@ def test_alive_counts_the_runners_still_pending() -> None:
     assert kube.alive() == [RunnerKey(8, 2)]
     assert registry.get_sample_value("dharma_runners_pending") == 0
     assert registry.get_sample_value("dharma_runner_oldest_pending_age_seconds") == 0
+
+
+def test_a_job_naming_an_unknown_model_is_an_invalid_launch_without_a_request() -> None:
+    """No Job is sent for a model the catalog lacks: the launch is invalid (not retried) and
+    says which model and which are known; reconcile.decide then fails the row."""
+
+    class NoCreate:
+        def post(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a Job was created")
+
+    executor = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    executor._posts = NoCreate()  # type: ignore[assignment]
+    spec = LaunchSpec(7, 1, SPEC.media_id, None, "large")
+    [result] = executor.launch([spec])
+    assert (result.runner_name, result.invalid) == (None, True)
+    assert result.error == (
+        "model 'large' is not in the model catalog (WHISPER_MODELS); known models: base"
+    )
+    assert executor.observe(KEY).reason == "Invalid"
+
+
+def test_observations_are_derived_again_only_when_the_job_or_a_pod_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each pass looks at every cached Job (alive) and every row's Job (observe); what they
+    derive is kept while the cache holds the same objects (issue 11, steady-state CPU), and
+    a new Job or pod object — every watch event makes one — is looked at afresh."""
+    import controller.kube as kube_module
+
+    calls: list[str] = []
+    from controller.kubestate import observe_job as real
+
+    def counting(job: dict[str, Any], pods: list[dict[str, Any]]) -> Any:
+        calls.append(job["metadata"]["name"])
+        return real(job, pods)
+
+    monkeypatch.setattr(kube_module, "observe_job", counting)
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    kube.jobs.put(running_job(INSTANCE))
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "labels": {"job-name": NAME}},
+        "status": {"phase": "Pending"},
+    }
+    kube.pods.put(pod)
+    assert kube.observe(KEY).phase is Phase.PENDING
+    assert kube.alive() == [KEY]
+    assert kube.observe(KEY).phase is Phase.PENDING
+    assert calls == [NAME]  # once for three looks
+    kube.pods.put({**pod, "status": {"phase": "Running", "startTime": "2026-01-01T00:00:01Z"}})
+    assert kube.observe(KEY).phase is Phase.RUNNING
+    assert kube.alive() == [KEY]
+    assert calls == [NAME, NAME]
+    done = running_job(INSTANCE)
+    done["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    kube.jobs.put(done)
+    assert kube.alive() == []  # finished: not even observed
+    assert kube.observe(KEY).phase is Phase.SUCCEEDED
+    assert calls == [NAME, NAME, NAME]
+
+
+def test_json_posts_send_the_body_reuse_one_connection_and_raise_api_errors() -> None:
+    """JsonPosts against a real HTTP server on loopback (the API server's TLS is not what is
+    tested here): the dict arrives as JSON at the namespaced path, one connection serves
+    every post (each answer is read in full, so its connection goes back to the pool), and
+    a 409 raises the ApiException the generated client raises."""
+    import http.server
+    import threading
+
+    seen: list[tuple[str, dict[str, Any], int]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the API server
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.client_address[1]))
+            status = 409 if body["metadata"]["name"] == "taken" else 201
+            answer = json.dumps({"kind": "Job", **body}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        configuration = client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
+        posts = JsonPosts(client.ApiClient(configuration))
+        path = "/apis/batch/v1/namespaces/{namespace}/jobs"
+        for n in range(3):
+            created = posts.post(path, "ns", {"metadata": {"name": f"j{n}"}}, 5.0)
+            assert created == {"kind": "Job", "metadata": {"name": f"j{n}"}}
+        with pytest.raises(ApiException) as caught:
+            posts.post(path, "ns", {"metadata": {"name": "taken"}}, 5.0)
+        assert caught.value.status == 409
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [p for p, _, _ in seen] == ["/apis/batch/v1/namespaces/ns/jobs"] * 4
+    assert len({port for _, _, port in seen}) == 1, "every post on one connection"

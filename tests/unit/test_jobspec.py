@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.jobspec import Instance, LaunchSpec, build_job, job_name
+from controller.jobspec import Instance, LaunchSpec, UnknownModel, build_job, job_name
 from controller.settings import ControllerSettings
 from dharma_common.contract import (
     LABEL_ATTEMPT,
@@ -19,6 +20,7 @@ from dharma_common.contract import (
     LABEL_MANAGED_BY,
     LABEL_MEDIA_ID,
 )
+from dharma_common.models import BASE_SHA256
 from dharma_common.settings import ConfigError, load_settings
 
 MEDIA = "6f1c7c52-9d3e-4a57-8f1b-0d9f1b2f4c11"
@@ -182,7 +184,9 @@ def test_defaults_leave_optional_fields_out() -> None:
 
 # --------------------------------------------------------------- restricted PSS ---
 
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+#: `image` too: k8s.io/pod-security-admission's restrictedVolumes check admits image volumes
+#: (read-only by nature; checked in v0.37).
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image",
                    "persistentVolumeClaim", "projected", "secret"}  # fmt: skip
 
 
@@ -304,3 +308,119 @@ def test_instance_name_default_and_release_names_with_dots() -> None:
 def test_bad_prefix_is_rejected(prefix: str) -> None:
     with pytest.raises(ConfigError, match="JOB_NAME_PREFIX"):
         load_settings(ControllerSettings, DB_HOST="db", DB_USER="u", JOB_NAME_PREFIX=prefix)
+
+
+# ------------------------------------------------------------- models (issue 12, item 3) ---
+
+SMALL_SHA = "1be3a9b2063867b937e64e2ec7483364a79917e157fa98c5d94b5c1fffea987b"
+CATALOG = json.dumps({
+    "base": {"file": "ggml-base.bin", "sha256": BASE_SHA256},
+    "small": {"file": "volume/ggml-small.bin", "sha256": SMALL_SHA, "memory": "3Gi"},
+})  # fmt: skip
+
+
+def model_job(model: str | None, memory_limit: str | None = None, **overrides: Any) -> Any:
+    spec = LaunchSpec(42, 3, MEDIA, memory_limit, model)
+    return build_job(settings(WHISPER_MODELS=CATALOG, **overrides), spec, INSTANCE)
+
+
+def test_a_job_naming_a_model_passes_its_name_and_is_sized_by_its_memory() -> None:
+    container = pod(model_job("small"))["containers"][0]
+    assert {"name": "WHISPER_MODEL", "value": "small"} in container["env"]
+    resources = container["resources"]
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("3Gi", "3Gi")
+    # After an OOM kill the row's raised limit wins; the request stays the model's need.
+    raised = pod(model_job("small", "6Gi"))["containers"][0]["resources"]
+    assert (raised["requests"]["memory"], raised["limits"]["memory"]) == ("3Gi", "6Gi")
+
+
+def test_a_model_without_memory_and_no_model_keep_the_runner_memory_settings() -> None:
+    for model in (None, "base"):
+        container = pod(model_job(model))["containers"][0]
+        resources = container["resources"]
+        assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("1Gi", "2Gi")
+    # No model on the row: nothing is passed, the runner's own WHISPER_MODEL stands.
+    env = pod(model_job(None))["containers"][0]["env"]
+    assert "WHISPER_MODEL" not in {e["name"] for e in env}
+
+
+def test_an_unknown_model_builds_no_job() -> None:
+    with pytest.raises(UnknownModel, match=r"model 'large' is not in the model catalog "
+                       r"\(WHISPER_MODELS\); known models: base, small"):  # fmt: skip
+        model_job("large")
+
+
+def test_no_models_volume_by_default() -> None:
+    spec = pod(model_job("small"))
+    assert [v["name"] for v in spec["volumes"]] == ["scratch"]
+    assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["scratch"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "volume"),
+    [('{"persistentVolumeClaim": {"claimName": "whisper-models"}}',
+      {"persistentVolumeClaim": {"claimName": "whisper-models", "readOnly": True}}),
+     ('{"image": {"reference": "registry.example.org/whisper-models:v1"}}',
+      {"image": {"reference": "registry.example.org/whisper-models:v1",
+                 "pullPolicy": "IfNotPresent"}}),
+     ('{"image": {"reference": "registry.example.org/m@sha256:' + "0" * 64 + '", '
+      '"pullPolicy": "Always"}}',
+      {"image": {"reference": "registry.example.org/m@sha256:" + "0" * 64,
+                 "pullPolicy": "Always"}})],
+    ids=["pvc", "image", "image-always"],
+)  # fmt: skip
+def test_models_volume_is_mounted_read_only_below_the_models_directory(
+    setting: str, volume: dict[str, Any]
+) -> None:
+    spec = pod(model_job("small", RUNNER_MODELS_VOLUME=setting))
+    assert spec["volumes"][1] == {"name": "models", **volume}
+    assert spec["containers"][0]["volumeMounts"][1] == {
+        "name": "models", "mountPath": "/models/volume", "readOnly": True,
+    }  # fmt: skip
+    assert restricted_violations(spec) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [('{"hostPath": {"path": "/models"}}', "persistentVolumeClaim or image"),
+     ('{"persistentVolumeClaim": {}}', "needs claimName"),
+     ('{"persistentVolumeClaim": {"claimName": "Bad_Name"}}', "not a PersistentVolumeClaim"),
+     ('{"persistentVolumeClaim": {"claimName": "m", "readOnly": false}}', "read-only"),
+     ('{"image": {"reference": "a b"}}', "image reference"),
+     ('{"image": {"reference": "r", "pullPolicy": "Sometimes"}}', "pullPolicy"),
+     ('{"image": {"reference": "r", "extra": 1}}', "takes only"),
+     ('{"persistentVolumeClaim": {"claimName": "m"}, "image": {"reference": "r"}}', "one source"),
+     ("not json", "must be JSON")],
+)  # fmt: skip
+def test_bad_models_volume_is_refused_at_start_up(setting: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match="RUNNER_MODELS_VOLUME") as caught:
+        settings(RUNNER_MODELS_VOLUME=setting)
+    assert complaint in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("catalog", "complaint"),
+    [({"x": {"file": "../etc/passwd", "sha256": "a" * 64}}, "file"),
+     ({"x": {"file": "/models/a.bin", "sha256": "a" * 64}}, "file"),
+     ({"x": {"file": "volume/.hidden", "sha256": "a" * 64}}, "file"),
+     ({"x/../y": {"file": "a.bin", "sha256": "a" * 64}}, "key"),
+     ({"x": {"file": "a.bin", "sha256": "A" * 63}}, "sha256"),
+     ({"x": {"file": "a.bin", "sha256": "a" * 64, "memory": "500m"}}, "memory"),
+     ({"x": {"file": "a.bin", "sha256": "a" * 64, "memory": "16Gi"}},
+      "above RUNNER_MEMORY_LIMIT_MAX (8Gi)"),
+     ({"x": {"file": "a.bin", "sha256": "a" * 64, "size": 1}}, "Extra inputs"),
+     ({}, "at least one model")],
+)  # fmt: skip
+def test_bad_catalog_is_refused_at_start_up(catalog: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ConfigError, match="WHISPER_MODELS") as caught:
+        settings(WHISPER_MODELS=json.dumps(catalog))
+    assert complaint in str(caught.value)
+
+
+def test_default_catalog_is_the_images_baked_model() -> None:
+    """The default names exactly the file and checksum Dockerfile.worker downloads."""
+    text = (Path(__file__).resolve().parents[2] / "Dockerfile.worker").read_text()
+    base = settings().WHISPER_MODELS["base"]
+    assert f"ARG WHISPER_MODEL_NAME={base.file}" in text
+    assert f"ARG WHISPER_MODEL_SHA256={base.sha256}" in text
+    assert base.memory is None

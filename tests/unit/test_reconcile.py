@@ -23,13 +23,19 @@ from controller.reconcile import (
     plan_failure,
 )
 from controller.settings import ControllerSettings
+from dharma_common.models import ModelEntry
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
 SETTINGS = ControllerSettings(
     DB_HOST="db", DB_USER="u", PENDING_TIMEOUT_SECONDS=600, JOB_DEADLINE_SECONDS=3600,
     RUNNER_MEMORY_LIMIT="2Gi", RUNNER_MEMORY_LIMIT_MAX="8Gi", RUNNER_OOM_MEMORY_FACTOR=2.0,
     RETRY_BASE_SECONDS=30, RETRY_MAX_SECONDS=3600,
+    WHISPER_MODELS={"base": ModelEntry(file="ggml-base.bin", sha256="a" * 64),
+                    "small": ModelEntry(file="volume/ggml-small.bin", sha256="b" * 64,
+                                        memory="3Gi")},
 )  # fmt: skip
+UNKNOWN_LARGE = ("model 'large' is not in the model catalog (WHISPER_MODELS); known models: "
+                 "base, small")  # fmt: skip
 
 
 def row(**changes: Any) -> JobRow:
@@ -188,6 +194,25 @@ CASES: list[tuple[str, JobRow, Observation, Any]] = [
      Observation(Phase.NONE, since=ago(1), message="422 Invalid", reason="Invalid"),
      Failure(FailureReason.LAUNCH_FAILED, "the runner could not be created: 422 Invalid",
              retryable=False)),
+    # Issue 12 item 3: a job naming a model the catalog lacks fails at once, permanently,
+    # without a runner, the model and the known ones named; a known one is launched.
+    ("claimed, its model unknown", row(runner_name=None, model="large"),
+     Observation(Phase.NONE), Failure(FailureReason.UNKNOWN_MODEL, UNKNOWN_LARGE,
+                                      retryable=False)),
+    ("unknown model after the executor refused it", row(runner_name=None, model="large"),
+     Observation(Phase.NONE, since=ago(1), message=UNKNOWN_LARGE, reason="Invalid"),
+     Failure(FailureReason.UNKNOWN_MODEL, UNKNOWN_LARGE, retryable=False)),
+    ("claimed, its model known", row(runner_name=None, model="small"),
+     Observation(Phase.NONE), Launch()),
+    # The first limit of a model with a memory is that memory, not RUNNER_MEMORY_LIMIT.
+    ("OOM without a known limit: the model's memory", row(model="small"),
+     seen(Phase.FAILED, reason="OOMKilled"),
+     Failure(FailureReason.OOM_KILLED, "OOM-killed (memory limit 3Gi)", retryable=True,
+             memory_limit="6Gi")),
+    ("OOM without a known limit: RUNNER_MEMORY_LIMIT", row(model="base"),
+     seen(Phase.FAILED, reason="OOMKilled"),
+     Failure(FailureReason.OOM_KILLED, "OOM-killed (memory limit 2Gi)", retryable=True,
+             memory_limit="4Gi")),
 ]  # fmt: skip
 
 

@@ -775,3 +775,21 @@ def test_a_row_with_its_own_memory_limit_is_told_with_it() -> None:
     w.store.insert(memory_limit="6Gi")
     w.one_pass()
     assert w.executor.events == [(K11, E.CLAIMED, "claimed: attempt 1 of 3, memory limit 6Gi")]
+
+
+def test_a_job_naming_an_unknown_model_fails_at_once_without_a_runner() -> None:
+    """Issue 12 item 3: the executor refuses to build a runner for a model the catalog lacks
+    (an invalid launch: test_controller_kube.py, test_controller_local.py); the loop wakes
+    itself and the next pass fails the row permanently, naming the model and the known ones."""
+    w = world()
+    job_id = w.store.insert(model="large")
+    message = "model 'large' is not in the model catalog (WHISPER_MODELS); known models: base"
+    w.executor.fail_launch[K11] = Launched(K11, None, error=message, invalid=True)
+    assert w.one_pass() == ([("claim", "ctl", [job_id])], [("launch", [K11])])
+    assert w.service._wake.is_set()  # not left to the next poll
+    assert w.one_pass() == (
+        [("record_failure", K11, R.UNKNOWN_MODEL, message, True), NO_CLAIM],
+        [("forget", K11)],
+    )
+    assert w.store.get(job_id).status is JobStatus.FAILED
+    assert not w.executor.runners

@@ -190,6 +190,21 @@ warns, and the controller refuses to start with a message naming the variable.
 {{- end }}
 {{- end }}
 
+{{/* RUNNER_MODELS_VOLUME (JSON): the models volume source, {} for none. */}}
+{{- define "dharma-stream.modelsVolume" -}}
+{{- $m := .Values.models }}
+{{- if and $m.persistentVolumeClaim.claimName $m.image.reference }}
+{{- fail "models: set persistentVolumeClaim.claimName or image.reference, not both (one volume is mounted at /models/volume)" }}
+{{- end }}
+{{- if $m.persistentVolumeClaim.claimName }}
+{{- dict "persistentVolumeClaim" (dict "claimName" $m.persistentVolumeClaim.claimName) | toJson }}
+{{- else if $m.image.reference }}
+{{- dict "image" (dict "reference" $m.image.reference "pullPolicy" $m.image.pullPolicy) | toJson }}
+{{- else }}
+{{- dict | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* Ports of the WebDAV server for the runners' NetworkPolicy (JSON list). */}}
 {{- define "dharma-stream.webdavPorts" -}}
 {{- $ports := .Values.networkPolicy.webdav.ports }}
