@@ -297,6 +297,17 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def whisper_arguments(description: str | None, threads: int = 2) -> argparse.ArgumentParser:
+    """A parser with the options every whisper benchmark takes: `--model` (the test copy of
+    ggml-base.bin), `--threads`, `--repeat` (rounds) and `--json` (where the rows go)."""
+    parser = argparse.ArgumentParser(description=(description or "").split("\n", 1)[0])
+    parser.add_argument("--model", type=Path, default=MODELS / "ggml-base.bin")
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds (medians are shown)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     where = parser.add_mutually_exclusive_group(required=True)

@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devtools.media import MANDARIN_SENTENCES, MODELS, make_mandarin_speech
+from bench.accuracy import whisper_arguments
+from devtools.media import MANDARIN_SENTENCES, make_mandarin_speech
 from jobrunner.script import Script, converter, han_share_changed
 from jobrunner.settings import DEFAULT_PROMPTS
 
@@ -128,11 +128,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--model", type=Path, default=MODELS / "ggml-base.bin")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--json", type=Path)
+    parser = whisper_arguments(__doc__)
     parser.add_argument(
         "--variant",
         action="append",

@@ -37,8 +37,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.accuracy import whisper_arguments
 from devtools.hardaudio import BY_NAME, CASES, make_case, to_pcm
-from devtools.media import MODELS
 from jobrunner.settings import DEFAULT_PROMPTS
 from jobrunner.transcribe import BOUNDED, WHISPER_DEFAULTS, Decoding, WhisperCpp
 
@@ -176,9 +176,7 @@ def table(rows: list[dict[str, Any]], cap: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--model", type=Path, default=MODELS / "ggml-base.bin")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = whisper_arguments(__doc__)
     parser.add_argument(
         "--variant", action="append", choices=list(VARIANTS), default=[],
         help="decoding variants (repeatable; default: before and after)",
@@ -193,8 +191,6 @@ def main(argv: list[str] | None = None) -> None:
         help="cases of the stressed pass (default: the same cases)",
     )  # fmt: skip
     parser.add_argument("--cap", type=float, default=240.0, help="stop a run after this long")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds (medians are shown)")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     variants = args.variant or ["before", "after"]
     cases = ["clean_speech", *[c for c in args.case or [c.name for c in CASES]
