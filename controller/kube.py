@@ -54,11 +54,10 @@ class _Seen:
     row's Job (observe), and at 20 Jobs/s re-deriving them each pass was a fifth of the
     controller's CPU (docs/performance.md, "Steady-state CPU")."""
 
-    __slots__ = ("_observation", "_pods", "finished", "job", "key")
+    __slots__ = ("_observation", "_pods", "job", "key")
 
     def __init__(self, job: Obj, key: RunnerKey | None) -> None:
         self.job = job
-        self.finished = bool(job["metadata"].get("deletionTimestamp")) or is_finished(job)
         self.key = key
         self._pods: list[Obj] | None = None
         self._observation: Observation | None = None
@@ -324,10 +323,13 @@ class KubernetesExecutor:
             return self._launch_errors.get(key) or NOT_FOUND
         return self._seen_of(name, job).observe(self._pods_of(name))
 
-    def _seen_of(self, name: str, job: Obj) -> _Seen:
-        seen = self._seen.get(name)
+    def _seen_of(self, name: str, job: Obj, known: dict[str, _Seen] | None = None) -> _Seen:
+        """What was derived from this Job object (`known`: where to look, by default what
+        this pass has seen so far), kept in `_seen` for the rest of the pass and the next."""
+        seen = (self._seen if known is None else known).get(name)
         if seen is None or seen.job is not job:
-            seen = self._seen[name] = _Seen(job, self._key(job))
+            seen = _Seen(job, self._key(job))
+        self._seen[name] = seen
         return seen
 
     def observe_abandoned(self, row: JobRow) -> Observation:
@@ -384,11 +386,8 @@ class KubernetesExecutor:
         previous, self._seen = self._seen, {}  # Jobs no longer live are forgotten here
         for job in self.jobs.by_index(_LIVE):
             name = job["metadata"]["name"]
-            seen = previous.get(name)
-            if seen is None or seen.job is not job:
-                seen = _Seen(job, self._key(job))
-            self._seen[name] = seen
-            if seen.finished or seen.key is None:
+            seen = self._seen_of(name, job, previous)
+            if seen.key is None:  # not this installation's: never alive, never swept
                 continue
             observed = seen.observe(self._pods_of(name))
             if observed.phase not in _ACTIVE:

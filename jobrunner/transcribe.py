@@ -263,7 +263,7 @@ class WhisperCpp:
         buffers = WindowBuffers(max(w.end_sample - w.start_sample for w in windows))
         segments: list[Segment] = []
         for number, window in enumerate(windows):
-            if should_abort() or over_budget():
+            if abort():
                 break
             audio = buffers.read(pcm, window.start_sample, window.end_sample)
             found = self._transcribe_window(
