@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
+from controller import wire
 from controller.jobspec import MANAGED_SELECTOR
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
 from dharma_common.errors import first_line
@@ -158,11 +158,11 @@ class ObjectWatch:
                     resource_version=version, allow_watch_bookmarks=True, timeout_seconds=30,
                     _preload_content=False, _request_timeout=(10, 60),
                 )  # fmt: skip
-                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                for line in wire.lines(response):
                     if not line:
                         continue
                     now = time.time()
-                    event = json.loads(line)
+                    event = wire.loads(line)
                     obj = event.get("object") or {}
                     if event.get("type") == "ERROR":
                         raise ApiException(status=obj.get("code"), reason=obj.get("message"))

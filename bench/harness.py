@@ -241,6 +241,9 @@ class Harness:
     metrics_port: int
     log_path: Path
     rss_idle_mib: float
+    #: CPU seconds the controller had spent once ready (imports, migrations, first lists):
+    #: start-up, not work per Job
+    cpu_ready: float
     kcm_before: tuple[float, float]
     load_before: tuple[float, float, float]
 
@@ -522,7 +525,7 @@ def harness(
             watch=started.watches[0], pod_watch=started.watches[1], sampler=started.sampler,
             api_counter=api_counter, runners=started.runners, metrics_port=metrics_port,
             log_path=log_path, rss_idle_mib=read_rss_kib(proc.pid).get("VmRSS", 0) / 1024,
-            kcm_before=kcm_before, load_before=os.getloadavg(),
+            cpu_ready=cpu_seconds(proc.pid), kcm_before=kcm_before, load_before=os.getloadavg(),
         )  # fmt: skip
     finally:
         _tear_down(started, ns, api, args)

@@ -180,6 +180,7 @@ class LoadRun:
     stopped: Stopped
     rss_samples: list[tuple[float, int]]
     rss_idle_mib: float
+    cpu_ready: float
     connections: list[tuple[float, int, int]]
     load_before: tuple[float, float, float]
     log_path: Path
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace, workdir: Path, publish: Callable[[LoadRun], No
                 stopped=stopped,
                 rss_samples=h.sampler.samples,
                 rss_idle_mib=h.rss_idle_mib,
+                cpu_ready=h.cpu_ready,
                 connections=sampler.samples,
                 load_before=h.load_before,
                 log_path=h.log_path,
@@ -378,7 +380,9 @@ def report(r: LoadRun) -> tuple[str, bool]:
          f"{max(conn_first, default=0):.0f} -> {max(conn_last, default=0):.0f}", "no growth",
          "GROWTH" if conn_grew else "ok"),
         ("API requests by the controller per Job", f"{api_per_job:.2f}", "", ""),
-        ("Controller CPU time (user+system)", f"{s.cpu_seconds:.1f} s", "", ""),
+        ("Controller CPU time (user+system): at ready / in all",
+         f"{r.cpu_ready:.1f} / {s.cpu_seconds:.1f} s", "", ""),
+        ("Controller CPU per Job, ready -> drained", _cpu_per_job(r, len(s.jobs)), "", ""),
         ("Load average 1/5/15 min before -> after",
          f"{format_load(r.load_before)} -> {format_load(s.load_after)}", "", ""),
     ]  # fmt: skip
@@ -389,6 +393,14 @@ def report(r: LoadRun) -> tuple[str, bool]:
     # Without a short TTL every Job stays cached, so RSS grows with them by design.
     rss_ok = not rss_grew or r.job_ttl is None
     return "\n".join(out), ok_once and ok_done and rss_ok and not conn_grew
+
+
+def _cpu_per_job(r: LoadRun, jobs: int) -> str:
+    """The steady cost of a Job: the CPU spent after start-up (imports, migrations, the
+    first lists, which a long-running controller pays once) over the Jobs it made."""
+    if not jobs:
+        return "n/a"
+    return f"{(r.stopped.cpu_seconds - r.cpu_ready) * 1000 / jobs:.2f} ms"
 
 
 def _growth_mark(grew: bool, job_ttl: int | None) -> str:

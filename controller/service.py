@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
@@ -75,6 +76,21 @@ class Leadership(Protocol):
     def is_leader(self) -> bool: ...
     def problem(self) -> str | None: ...
     def stop(self) -> None: ...
+
+
+def pass_delay(last_pass: float | None, now: float, interval: float) -> float:
+    """How long to wait before the next pass so that passes start at least `interval`
+    seconds apart (MIN_PASS_INTERVAL_SECONDS).
+
+    Why a minimum interval and not a delay after each wake-up: at 20 rows/s every row
+    NOTIFYs and every Job brings a dozen watch events, and a pass per wake-up cost most of
+    the controller's CPU (docs/performance.md, "Steady-state CPU"). Waiting `interval` after
+    every wake-up would coalesce them too, but would also delay the lone row of a quiet
+    queue; spacing the passes delays only a wake-up that comes within `interval` of the last
+    pass, and a steady feed then costs one pass per interval."""
+    if last_pass is None:
+        return 0.0
+    return max(0.0, last_pass + interval - now)
 
 
 class Service:
@@ -198,10 +214,13 @@ class Service:
     def _loop(self) -> None:
         backoff = Backoff(first=0.5, cap=30.0)
         timeout = 0.0
+        last_pass: float | None = None
         while not self._stopping.is_set():
-            if self._wake.wait(timeout) and self.settings.WAKE_DEBOUNCE_SECONDS:
-                # Coalesce: the rest of a burst of wake-ups lands in this pass.
-                self._stopping.wait(self.settings.WAKE_DEBOUNCE_SECONDS)
+            self._wake.wait(timeout)
+            delay = pass_delay(last_pass, time.monotonic(), self.settings.MIN_PASS_INTERVAL_SECONDS)
+            if delay:
+                # Coalesce: the wake-ups that arrive meanwhile land in the coming pass.
+                self._stopping.wait(delay)
             self._wake.clear()
             self.health.beat()
             if self._stopping.is_set():
@@ -210,6 +229,7 @@ class Service:
                 self.health.not_ready = f"{self.executor.kind} executor has not synced yet"
                 timeout = 0.5
                 continue
+            last_pass = time.monotonic()
             try:
                 idle, next_due = self.run_pass()
             except DatabaseUnavailable as exc:

@@ -66,10 +66,11 @@ class ControllerSettings(DatabaseSettings):
     CLAIM_BATCH_SIZE: int = Field(default=50, ge=1, le=1000)
     #: Safety-net poll; LISTEN/NOTIFY wakes the controller at once in the normal case.
     POLL_INTERVAL_SECONDS: float = Field(default=10.0, gt=0)
-    #: After a wake-up (a NOTIFY, a watch event), wait this long before the pass, so the
-    #: wake-ups of a steady feed (one per row, several per Job) share one pass. Bounded by
-    #: the 1 s INSERT-to-Job latency target; 0 runs a pass per wake-up.
-    WAKE_DEBOUNCE_SECONDS: float = Field(default=0.1, ge=0, le=1)
+    #: Passes start at least this far apart: a wake-up (a NOTIFY, a watch event) after a
+    #: quiet spell is served at once, the wake-ups of a steady feed (one per row, a dozen
+    #: per Job) share a pass. Bounded by the 1 s INSERT-to-Job latency target; 0 runs a
+    #: pass per wake-up (service.pass_delay).
+    MIN_PASS_INTERVAL_SECONDS: float = Field(default=0.5, ge=0, le=1)
     RETRY_BASE_SECONDS: float = Field(default=30.0, ge=0)
     RETRY_MAX_SECONDS: float = Field(default=3600.0, ge=0)
     #: A runner pod still Pending (image pull errors, unschedulable) this long fails the attempt.

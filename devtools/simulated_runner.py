@@ -34,7 +34,6 @@ namespace, pass `selector=Instance.selector` of the one whose database `connect`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -44,8 +43,8 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
+from controller import wire
 from controller.jobspec import MANAGED_SELECTOR
 from devtools.kwok import FATE
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_JOB_ID
@@ -214,7 +213,7 @@ class SimulatedCommits:
             kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
             if token:
                 kwargs["_continue"] = token
-            body = json.loads(self._list(_request_timeout=self._api_timeout, **kwargs).data)
+            body = wire.loads(self._list(_request_timeout=self._api_timeout, **kwargs).data)
             for pod in body.get("items") or []:
                 self._see(pod)
             meta = body.get("metadata") or {}
@@ -231,12 +230,12 @@ class SimulatedCommits:
         )  # fmt: skip
         self._response = response
         try:
-            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+            for line in wire.lines(response):
                 if self._stop.is_set():
                     break
                 if not line:
                     continue
-                event = json.loads(line)
+                event = wire.loads(line)
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:

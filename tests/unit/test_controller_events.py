@@ -18,6 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from controller import kube as kube_module
 from controller.events import (
     NOTE_LIMIT_BYTES,
     REPORTING_CONTROLLER,
@@ -295,3 +296,24 @@ def test_normal_events_are_rate_limited_and_warnings_never() -> None:
     for _ in range(10):
         recorder.record({"reason": "Claimed", "type": "Normal"})
     assert recorder._queue.qsize() == 40 and sample(metrics, "rate_limited") == 10
+
+
+def test_an_event_over_the_rate_limit_is_never_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 20 Jobs/s most Normal Events are over the limit: the executor asks the recorder
+    first and builds (cache lookup, names, times) only the ones it will post."""
+    kube, events = kube_executor()
+    kube._events._normal = TokenBucket(rate=0.0, burst=1, clock=lambda: 0.0)
+    built: list[str] = []
+    real_build = build_event
+
+    def counted(**kwargs: Any) -> dict[str, Any]:
+        built.append(kwargs["reason"].value)
+        return real_build(**kwargs)
+
+    monkeypatch.setattr(kube_module, "build_event", counted)
+    kube.record_event(KEY, EventReason.CLAIMED, "claimed")  # the one token
+    kube.record_event(KEY, EventReason.SUCCEEDED, "succeeded")  # over the limit
+    kube.record_event(KEY, EventReason.FAILED, "failed")  # a Warning: never limited
+    assert built == ["Claimed", "Failed"] and kube._events.dropped == 1
+    kube._events.stop(timeout=5)
+    assert [body["reason"] for _, body in events.created] == ["Claimed", "Failed"]

@@ -27,7 +27,7 @@ from controller.local import LocalExecutor
 from controller.metrics import Metrics
 from controller.model import Observation, Phase, RunnerKey
 from controller.reconcile import FailureReason
-from controller.service import Service
+from controller.service import Service, pass_delay
 from controller.settings import ControllerSettings
 from controller.testing import FakeClock, FakeExecutor, FakeListener, InMemoryStore, Write
 from dharma_common.contract import JobStatus
@@ -503,10 +503,26 @@ def test_at_the_cap_a_due_row_waits_for_a_wake_up_not_a_timer() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("last_pass", "now", "interval", "delay"),
+    [
+        (None, 100.0, 0.5, 0.0),  # the first pass runs at once
+        (100.0, 100.1, 0.5, 0.4),  # a wake-up soon after a pass waits for the interval
+        (100.0, 100.5, 0.5, 0.0),  # ... and not beyond it
+        (100.0, 130.0, 0.5, 0.0),  # after a quiet spell: at once
+        (100.0, 100.1, 0.0, 0.0),  # 0: a pass per wake-up
+    ],
+)
+def test_passes_start_at_least_the_interval_apart(
+    last_pass: float | None, now: float, interval: float, delay: float
+) -> None:
+    assert pass_delay(last_pass, now, interval) == pytest.approx(delay)
+
+
 def test_a_burst_of_wake_ups_shares_one_pass() -> None:
-    """The loop waits WAKE_DEBOUNCE_SECONDS after a wake-up, so a steady feed (a NOTIFY per
-    row, several watch events per Job) costs one pass per burst, not one per event."""
-    w = world(WAKE_DEBOUNCE_SECONDS=0.3, POLL_INTERVAL_SECONDS=60)
+    """Passes start at least MIN_PASS_INTERVAL_SECONDS apart, so a steady feed (a NOTIFY per
+    row, a dozen watch events per Job) costs one pass per interval, not one per event."""
+    w = world(MIN_PASS_INTERVAL_SECONDS=0.3, POLL_INTERVAL_SECONDS=60)
     passes: list[float] = []
     real_pass = w.service.run_pass
 
