@@ -38,6 +38,7 @@ from controller.executor import EventReason
 from controller.jobspec import Instance
 from controller.metrics import Metrics
 from controller.model import RunnerKey
+from controller.threads import TokenBucket
 from dharma_common.contract import LABEL_ATTEMPT, LABEL_INSTANCE, LABEL_JOB_ID
 from dharma_common.errors import first_line
 
@@ -125,25 +126,6 @@ def build_event(
         "note": truncate_utf8(message, NOTE_LIMIT_BYTES),
         "regarding": regarding,
     }
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; `take` spends one if there is one."""
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._rate, self._burst, self._clock = rate, float(burst), clock
-        self._tokens, self._at = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class EventRecorder:

@@ -62,7 +62,7 @@ from controller.reconcile import (
 )
 from controller.settings import ControllerSettings
 from controller.store import DatabaseUnavailable, MissingInstallation, Store
-from controller.threads import Backoff
+from controller.threads import Backoff, TokenBucket
 from dharma_common.contract import JobStatus
 from dharma_common.logs import log_context
 
@@ -78,19 +78,21 @@ class Leadership(Protocol):
     def stop(self) -> None: ...
 
 
-def pass_delay(last_pass: float | None, now: float, interval: float) -> float:
-    """How long to wait before the next pass so that passes start at least `interval`
-    seconds apart (MIN_PASS_INTERVAL_SECONDS).
+#: Passes a quiet controller may run back to back before MIN_PASS_INTERVAL_SECONDS applies.
+PASS_BURST = 10
 
-    Why a minimum interval and not a delay after each wake-up: at 20 rows/s every row
-    NOTIFYs and every Job brings a dozen watch events, and a pass per wake-up cost most of
-    the controller's CPU (docs/performance.md, "Steady-state CPU"). Waiting `interval` after
-    every wake-up would coalesce them too, but would also delay the lone row of a quiet
-    queue; spacing the passes delays only a wake-up that comes within `interval` of the last
-    pass, and a steady feed then costs one pass per interval."""
-    if last_pass is None:
-        return 0.0
-    return max(0.0, last_pass + interval - now)
+
+def pass_budget(interval: float, clock: Callable[[], float] = time.monotonic) -> TokenBucket | None:
+    """The loop's passes as a token bucket: one pass per `interval` under a steady stream of
+    wake-ups, bursts of PASS_BURST after a quiet spell; None (a pass per wake-up) for 0.
+
+    Why: at 20 rows/s every row NOTIFYs and every Job brings a dozen watch events, and a
+    pass per wake-up cost most of the controller's CPU (docs/performance.md, "Steady-state
+    CPU"). A delay after every wake-up (the earlier debounce) or a fixed spacing between
+    passes coalesces them too, but also delays the next step of a lone job — claim, launch,
+    record — whenever it follows a pass closely; the bucket delays only a controller that
+    has been passing more often than once per `interval` for a while."""
+    return TokenBucket(1 / interval, PASS_BURST, clock) if interval > 0 else None
 
 
 class Service:
@@ -214,13 +216,12 @@ class Service:
     def _loop(self) -> None:
         backoff = Backoff(first=0.5, cap=30.0)
         timeout = 0.0
-        last_pass: float | None = None
+        budget = pass_budget(self.settings.MIN_PASS_INTERVAL_SECONDS)
         while not self._stopping.is_set():
             self._wake.wait(timeout)
-            delay = pass_delay(last_pass, time.monotonic(), self.settings.MIN_PASS_INTERVAL_SECONDS)
-            if delay:
+            while budget is not None and not budget.take() and not self._stopping.is_set():
                 # Coalesce: the wake-ups that arrive meanwhile land in the coming pass.
-                self._stopping.wait(delay)
+                self._stopping.wait(budget.delay())
             self._wake.clear()
             self.health.beat()
             if self._stopping.is_set():
@@ -229,7 +230,6 @@ class Service:
                 self.health.not_ready = f"{self.executor.kind} executor has not synced yet"
                 timeout = 0.5
                 continue
-            last_pass = time.monotonic()
             try:
                 idle, next_due = self.run_pass()
             except DatabaseUnavailable as exc:

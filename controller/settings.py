@@ -66,10 +66,10 @@ class ControllerSettings(DatabaseSettings):
     CLAIM_BATCH_SIZE: int = Field(default=50, ge=1, le=1000)
     #: Safety-net poll; LISTEN/NOTIFY wakes the controller at once in the normal case.
     POLL_INTERVAL_SECONDS: float = Field(default=10.0, gt=0)
-    #: Passes start at least this far apart: a wake-up (a NOTIFY, a watch event) after a
-    #: quiet spell is served at once, the wake-ups of a steady feed (one per row, a dozen
-    #: per Job) share a pass. Bounded by the 1 s INSERT-to-Job latency target; 0 runs a
-    #: pass per wake-up (service.pass_delay).
+    #: Under a steady stream of wake-ups (a NOTIFY per row, a dozen watch events per Job),
+    #: passes start this far apart and share the wake-ups; after a quiet spell the next ten
+    #: are served at once (service.pass_budget). Bounded by the 1 s INSERT-to-Job latency
+    #: target; 0 runs a pass per wake-up.
     MIN_PASS_INTERVAL_SECONDS: float = Field(default=0.5, ge=0, le=1)
     RETRY_BASE_SECONDS: float = Field(default=30.0, ge=0)
     RETRY_MAX_SECONDS: float = Field(default=3600.0, ge=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from dharma_common.errors import first_line
@@ -78,3 +79,35 @@ class Backoff:
         """Sleep the current delay (less if `stop` is set meanwhile), then double it."""
         stop.wait(self.delay)
         self.delay = min(self.cap, self.delay * 2)
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; `take` spends one if there is one.
+    Used to rate-limit Normal Events (controller/events.py) and the service loop's passes
+    (controller/service.py)."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def delay(self) -> float:
+        """Seconds until `take` would succeed: 0 when a token is there (never, at rate 0:
+        infinity)."""
+        self._refill()
+        if self._tokens >= 1:
+            return 0.0
+        return (1 - self._tokens) / self._rate if self._rate > 0 else float("inf")

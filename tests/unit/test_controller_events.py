@@ -23,7 +23,6 @@ from controller.events import (
     NOTE_LIMIT_BYTES,
     REPORTING_CONTROLLER,
     EventRecorder,
-    TokenBucket,
     build_event,
     truncate_utf8,
 )
@@ -34,6 +33,7 @@ from controller.local import LocalExecutor
 from controller.metrics import Metrics
 from controller.model import RunnerKey
 from controller.settings import ControllerSettings
+from controller.threads import TokenBucket
 
 INSTANCE = Instance("prod", uuid.UUID("11111111-2222-4333-8444-555555555555"))
 KEY = RunnerKey(42, 2)

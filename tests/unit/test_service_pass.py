@@ -27,7 +27,7 @@ from controller.local import LocalExecutor
 from controller.metrics import Metrics
 from controller.model import Observation, Phase, RunnerKey
 from controller.reconcile import FailureReason
-from controller.service import Service, pass_delay
+from controller.service import PASS_BURST, Service, pass_budget
 from controller.settings import ControllerSettings
 from controller.testing import FakeClock, FakeExecutor, FakeListener, InMemoryStore, Write
 from dharma_common.contract import JobStatus
@@ -503,25 +503,23 @@ def test_at_the_cap_a_due_row_waits_for_a_wake_up_not_a_timer() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("last_pass", "now", "interval", "delay"),
-    [
-        (None, 100.0, 0.5, 0.0),  # the first pass runs at once
-        (100.0, 100.1, 0.5, 0.4),  # a wake-up soon after a pass waits for the interval
-        (100.0, 100.5, 0.5, 0.0),  # ... and not beyond it
-        (100.0, 130.0, 0.5, 0.0),  # after a quiet spell: at once
-        (100.0, 100.1, 0.0, 0.0),  # 0: a pass per wake-up
-    ],
-)
-def test_passes_start_at_least_the_interval_apart(
-    last_pass: float | None, now: float, interval: float, delay: float
-) -> None:
-    assert pass_delay(last_pass, now, interval) == pytest.approx(delay)
+def test_passes_come_in_a_burst_then_one_per_interval() -> None:
+    now = [100.0]
+    budget = pass_budget(0.5, clock=lambda: now[0])
+    assert budget is not None
+    assert [budget.take() for _ in range(PASS_BURST + 1)] == [True] * PASS_BURST + [False]
+    assert budget.delay() == pytest.approx(0.5)
+    now[0] += 0.5
+    assert budget.take() and not budget.take()
+    now[0] += 60  # a quiet spell: the burst is back, no more
+    assert sum(budget.take() for _ in range(PASS_BURST + 5)) == PASS_BURST
+    assert pass_budget(0.0) is None  # a pass per wake-up
 
 
-def test_a_burst_of_wake_ups_shares_one_pass() -> None:
-    """Passes start at least MIN_PASS_INTERVAL_SECONDS apart, so a steady feed (a NOTIFY per
-    row, a dozen watch events per Job) costs one pass per interval, not one per event."""
+def test_a_stream_of_wake_ups_shares_passes() -> None:
+    """Under a steady stream of wake-ups (a NOTIFY per row, a dozen watch events per Job),
+    passes come one per MIN_PASS_INTERVAL_SECONDS once the burst is spent, not one per
+    wake-up."""
     w = world(MIN_PASS_INTERVAL_SECONDS=0.3, POLL_INTERVAL_SECONDS=60)
     passes: list[float] = []
     real_pass = w.service.run_pass
@@ -538,17 +536,15 @@ def test_a_burst_of_wake_ups_shares_one_pass() -> None:
         while not passes:  # the first pass runs at once
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        for _ in range(10):  # ten wake-ups within 0.1 s
+        for _ in range(120):  # a wake-up every 10 ms for 1.2 s
             w.service.wake()
-            time.sleep(0.01)
-        while len(passes) < 2:
-            assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.5)
     finally:
         w.service.request_stop()
         thread.join(timeout=10)
-    assert len(passes) == 2, passes
+    # The first pass and the burst at once, then at most one per 0.3 s (1.7 s in all).
+    assert PASS_BURST < len(passes) <= 1 + PASS_BURST + 6, passes
 
 
 def test_shutdown_records_the_runners_the_executor_stopped() -> None:
