@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -306,6 +306,14 @@ def whisper_arguments(description: str | None, threads: int = 2) -> argparse.Arg
     parser.add_argument("--repeat", type=int, default=1, help="rounds (medians are shown)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     return parser
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """The rows as a Markdown table, as the whisper benchmarks print them for
+    docs/performance.md (cells are written as given: escape a `|` before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy import whisper_arguments
+from bench.accuracy import markdown_table, whisper_arguments
 from devtools.media import MANDARIN_SENTENCES, make_mandarin_speech
 from jobrunner.script import Script, converter, han_share_changed
 from jobrunner.settings import DEFAULT_PROMPTS
@@ -115,16 +115,13 @@ def run(model_path: Path, threads: int, repeat: int, names: list[str]) -> list[d
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| prompt | trad % | simp % | punct full/ASCII | CER | wall s | CPU s | output (start) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['trad_pct']} | {r['simp_pct']} | {r['full_width']}/"
-            f"{r['ascii']} | {r['cer']} | {r['wall_s']} | {r['cpu_s']} | {r['text'][:24]} |"
-        )
-    return "\n".join(lines)
+    header = ["prompt", "trad %", "simp %", "punct full/ASCII", "CER", "wall s", "CPU s",
+              "output (start)"]  # fmt: skip
+    return markdown_table(header, [
+        (r["variant"], r["trad_pct"], r["simp_pct"], f"{r['full_width']}/{r['ascii']}",
+         r["cer"], r["wall_s"], r["cpu_s"], r["text"][:24])
+        for r in rows
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy import whisper_arguments
+from bench.accuracy import markdown_table, whisper_arguments
 from devtools.hardaudio import BY_NAME, CASES, make_case, to_pcm
 from jobrunner.settings import DEFAULT_PROMPTS
 from jobrunner.transcribe import BOUNDED, WHISPER_DEFAULTS, Decoding, WhisperCpp
@@ -158,21 +158,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], cap: float) -> str:
-    lines = [
-        "| case | lang | audio s | busy | variant | wall s | RTF | CPU s | segs | x clean | load "
-        "| text (start) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        wall = f">{cap:g}" if r["capped"] else f"{r['wall_s']}"
-        ratio = "" if r["x_clean"] is None else f"{r['x_clean']}"
-        text = r["text"][:30].replace("|", "/")
-        lines.append(
-            f"| {r['case']} | {r['language']} | {r['audio_s']} | {r['busy']} | {r['variant']} "
-            f"| {wall} | {r['rtf']} | {r['cpu_s']} | {r['segments']} | {ratio} | {r['load']} "
-            f"| {text} |"
-        )
-    return "\n".join(lines)
+    header = ["case", "lang", "audio s", "busy", "variant", "wall s", "RTF", "CPU s", "segs",
+              "x clean", "load", "text (start)"]  # fmt: skip
+    return markdown_table(header, [
+        (r["case"], r["language"], r["audio_s"], r["busy"], r["variant"],
+         f">{cap:g}" if r["capped"] else r["wall_s"], r["rtf"], r["cpu_s"], r["segments"],
+         "" if r["x_clean"] is None else r["x_clean"], r["load"],
+         r["text"][:30].replace("|", "/"))
+        for r in rows
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,7 +149,9 @@ class JsonPosts:
     per create, measured against the testbed). The client still builds the URL and the
     headers, bearer token included (an in-cluster token is re-read as it rotates). A status
     outside 2xx raises the same ApiException the generated API raises, so callers handle
-    both alike; a connection error is urllib3's, as from the generated API."""
+    both alike; a connection or TLS error is urllib3's own (the generated API turns a TLS
+    error into an ApiException with status 0): callers treat any other exception as one to
+    retry on the next pass."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api
