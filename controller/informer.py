@@ -14,6 +14,10 @@ still be reported after the object has vanished — but only while that can matt
 deleted because its Job is going away (TTL after finishing, cancellation) leaves none
 (`keep_tombstone`), or a steady stream of finished Jobs would hold thousands of dead pods
 (bench/load.py's soak: RSS +90 MiB at 20 Jobs/s before this rule).
+
+A cache may also narrow what it watches with a field selector (the pod cache leaves out
+pods that have Succeeded: see KubernetesExecutor). An object that stops matching comes as a
+DELETED event, like a deletion — the API server cannot say which — so it is handled as one.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class Informer:
         tombstones: bool = False,
         index: Callable[[Obj], str | None] | None = None,
         keep_tombstone: Callable[[Obj], bool] = lambda obj: True,
+        field_selector: str = "",
+        on_remove: Callable[[Obj], None] | None = None,
     ) -> None:
         self.resource = resource
         self._list = list_fn
@@ -70,6 +76,11 @@ class Informer:
         #: Label selector of every list and watch; may be set until `start` (KubernetesExecutor
         #: binds its installation's selector late, once the database has said which it is).
         self.selector = selector
+        #: Narrows the list and the watch further (e.g. `status.phase!=Succeeded`).
+        self._field_selector = field_selector
+        #: Told of each object that left the cache without a tombstone (deleted, vanished at
+        #: a relist), outside the cache's lock.
+        self._on_remove = on_remove
         self._trim = trim
         self._on_change = on_change
         self._on_relist = on_relist
@@ -81,6 +92,8 @@ class Informer:
         #: Optional secondary index (pods by their Job's name): key -> object names.
         self._index_fn = index
         self._index: dict[str, set[str]] = {}
+        #: Each indexed object's key, as computed when it was stored (not again on removal).
+        self._keys: dict[str, str] = {}
         self._deleted_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -158,7 +171,7 @@ class Informer:
         token: str | None = None
         version = ""
         while True:
-            kwargs: dict[str, Any] = {"label_selector": self.selector, "limit": LIST_PAGE_SIZE}
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE, **self._selectors()}
             if token:
                 kwargs["_continue"] = token
             response = self._list(
@@ -190,8 +203,13 @@ class Informer:
                     fresh[name] = obj
             self._items = fresh
             self._index = {}
+            self._keys = {}
             for name, obj in fresh.items():
                 self._add_to_index(name, obj)
+        if self._on_remove is not None:
+            for obj in vanished:
+                if obj["metadata"]["name"] not in fresh:
+                    self._on_remove(obj)
         self._on_relist()
         self.synced.set()
         self._on_change()
@@ -200,7 +218,7 @@ class Informer:
     def _watch(self, version: str) -> str:
         response = self._list(
             self._namespace,
-            label_selector=self.selector,
+            **self._selectors(),
             watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,
@@ -215,7 +233,7 @@ class Informer:
                     break
                 if not line:
                     continue
-                event = wire.loads(line)  # ~12 per Job: controller/wire.py
+                event = wire.loads(line)  # ~10 per Job: controller/wire.py
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
@@ -240,14 +258,19 @@ class Informer:
         )
         return version
 
+    def _selectors(self) -> dict[str, str]:
+        if self._field_selector:
+            return {"label_selector": self.selector, "field_selector": self._field_selector}
+        return {"label_selector": self.selector}
+
     def _add_to_index(self, name: str, obj: Obj) -> None:
         key = self._index_fn(obj) if self._index_fn else None
         if key is not None:
             self._index.setdefault(key, set()).add(name)
+            self._keys[name] = key
 
     def _drop_from_index(self, name: str) -> None:
-        old = self._items.get(name)
-        key = self._index_fn(old) if old is not None and self._index_fn else None
+        key = self._keys.pop(name, None)
         if key is not None and key in self._index:
             self._index[key].discard(name)
             if not self._index[key]:
@@ -274,6 +297,18 @@ class Informer:
             else:
                 self._items.pop(name, None)
                 self._deleted_at.pop(name, None)
+        if not keep and self._on_remove is not None:
+            self._on_remove(obj)
+
+    def drop_tombstones(self, key: str) -> None:
+        """Forget the tombstones filed under index `key` (a Job's pods once the Job is gone:
+        nothing asks about them any more). Live objects stay; they get their own events."""
+        with self._lock:
+            for name in list(self._index.get(key, ())):
+                if self._items.get(name, {}).get(DELETED_MARK):
+                    self._drop_from_index(name)
+                    self._items.pop(name, None)
+                    self._deleted_at.pop(name, None)
 
     def _expire_tombstones(self) -> None:
         now = time.monotonic()

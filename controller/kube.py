@@ -92,6 +92,10 @@ def _live(job: Obj) -> str | None:
     return _LIVE
 
 
+#: What the pod watch leaves out (KubernetesExecutor.__init__).
+POD_FIELD_SELECTOR = "status.phase!=Succeeded"
+
+
 def _job_of(pod: Obj) -> str | None:
     """The Job a pod belongs to (label set by the Job controller)."""
     labels = pod["metadata"].get("labels") or {}
@@ -210,12 +214,18 @@ class KubernetesExecutor:
         }
         self.jobs = Informer(
             "jobs", self._batch.list_namespaced_job, trim=trim_job, index=_live,
-            on_relist=lambda: self._relisted("jobs"), **common,  # type: ignore[arg-type]
+            on_relist=lambda: self._relisted("jobs"), on_remove=self._job_removed,
+            **common,  # type: ignore[arg-type]
         )  # fmt: skip
+        # Pods that have Succeeded are not watched (POD_FIELD_SELECTOR): a third of a pod's
+        # events come after it (finalizer removed, deleting, deleted) and none of them changes
+        # an observation, since the Job's own Complete condition follows. The pod leaves the
+        # cache as a tombstone of its last running state, which observe_job reads as "wait
+        # for the Job's verdict": the rule for a pod deleted under a running Job.
         self.pods = Informer(
             "pods", self._core.list_namespaced_pod, trim=trim_pod, tombstones=True, index=_job_of,
             keep_tombstone=self._job_alive, on_relist=lambda: self._relisted("pods"),
-            **common,  # type: ignore[arg-type]
+            field_selector=POD_FIELD_SELECTOR, **common,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def _job_alive(self, pod: Obj) -> bool:
@@ -225,6 +235,11 @@ class KubernetesExecutor:
         name = _job_of(pod)
         job = self.jobs.get(name) if name else None
         return job is not None and not job["metadata"].get("deletionTimestamp")
+
+    def _job_removed(self, job: Obj) -> None:
+        """A Job gone takes its pods' tombstones with it: their pods' own DELETED events no
+        longer come (a Succeeded pod left the pod watch), and nothing asks about them."""
+        self.pods.drop_tombstones(job["metadata"]["name"])
 
     def bind(self, instance: Instance) -> None:
         """Scope this executor to one installation (before `start`): the caches select its

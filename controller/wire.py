@@ -1,12 +1,13 @@
 """Reading the API server's JSON cheaply: watch lines as bytes, and objects without their
 `metadata.managedFields`.
 
-Why: at a steady 20 Jobs/s the controller reads about a dozen watch events per Job (a pod
-goes ADDED, scheduled, Running, Succeeded, finalizer removed, deleting, DELETED; its Job
-about as many), ~6 KB each, and nearly half of every event's bytes — and more of its small
-JSON values — are `managedFields` (server-side apply's bookkeeping), which nothing here
-reads. Cutting that array out of the raw bytes before parsing is cheaper than building it as
-Python objects and throwing it away (docs/performance.md, "Steady-state CPU").
+Why: at a steady 20 Jobs/s the controller reads ten watch events per Job (its pod: ADDED,
+scheduled, Running, and leaving the watch when it Succeeds; its Job: ADDED, active,
+SuccessCriteriaMet, Complete, deleting, DELETED), ~6 KB each, and nearly half of every
+event's bytes — and more of its small JSON values — are `managedFields` (server-side apply's
+bookkeeping), which nothing here reads. Cutting that array out of the raw bytes before parsing
+is cheaper than building it as Python objects and throwing it away (docs/performance.md,
+"Steady-state CPU").
 
 The cut is exact, not a guess: the API server writes `managedFields` as an array of flat
 entries (manager, operation, apiVersion, time, fieldsType, fieldsV1, subresource) with no

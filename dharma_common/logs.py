@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
-import json
 import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "dharma_log_context", default=None
@@ -69,7 +70,9 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str, ensure_ascii=False)
+        # orjson: a fifth of the standard library's time for these small objects, and the
+        # controller writes ~3 lines per Job. What it cannot encode natively becomes str().
+        return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def configure_logging(level: str = "INFO") -> None:

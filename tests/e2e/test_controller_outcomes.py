@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from controller.informer import Informer
+from controller.kube import POD_FIELD_SELECTOR
+from controller.kubestate import DELETED_MARK, trim_pod
 from devtools.controller_helpers import ControllerProcess, eventually
 from devtools.kwok import DELAY, EXIT_CODE, FATE, MESSAGE
 from devtools.services import Database
@@ -86,6 +89,38 @@ def test_success(queue: Queue, kube_setup: KubeSetup, start_controller: Start) -
     (pod,) = kube_setup.pods(done["runner_name"])
     assert pod["metadata"]["labels"]["dharma.stream/job-id"] == str(job_id)
     assert controller.events("attempt_succeeded", job_id=job_id)
+
+
+@pytest.mark.usefixtures("runner_commits")
+def test_a_succeeded_pod_leaves_the_pod_watch_as_a_tombstone(
+    queue: Queue, kube_setup: KubeSetup, start_controller: Start
+) -> None:
+    """The controller's pod watch leaves out pods that have Succeeded (POD_FIELD_SELECTOR:
+    their last three events per Job are never sent). The real API server reports a pod
+    leaving a field selector as a DELETED event, which the cache keeps as a tombstone while
+    the pod itself is still there, Succeeded; the row is completed from the Job's condition."""
+    pods = Informer(
+        "pods", kube_setup.core.list_namespaced_pod, kube_setup.namespace, "", trim_pod,
+        on_change=lambda: None, on_relist=lambda: None, api_timeout=10, watch_timeout=60,
+        tombstones=True, index=lambda p: p["metadata"]["labels"].get("job-name"),
+        field_selector=POD_FIELD_SELECTOR,
+    )  # fmt: skip
+    pods.start()
+    try:
+        eventually(pods.synced.is_set, "the pod cache")
+        job_id = add_job(queue)
+        env = {**kube_setup.env, "RUNNER_POD_ANNOTATIONS": fate(**{FATE: "succeed", DELAY: "1s"})}
+        start_controller(env)
+        name = eventually(lambda: row(queue, job_id)["runner_name"], "the Job")
+        assert eventually(lambda: finished(queue, job_id), "the job")["status"] == "completed"
+        (pod,) = kube_setup.pods(name)
+        assert pod["status"]["phase"] == "Succeeded"
+        kept = eventually(
+            lambda: [p for p in pods.by_index(name) if p.get(DELETED_MARK)], "the tombstone"
+        )
+        assert [p["metadata"]["name"] for p in kept] == [pod["metadata"]["name"]]
+    finally:
+        pods.stop()
 
 
 def test_completed_job_without_the_runners_commit_is_not_a_success(

@@ -66,28 +66,88 @@ def test_relist_keeps_tombstones_only_for_pods_of_live_jobs() -> None:
     assert cache.get("c-1") == pod("c-1", "job-c")
 
 
+class EmptyWatch:
+    """A watch response with no events."""
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        return iter([])
+
+    def release_conn(self) -> None:
+        pass
+
+
+def recording_list(asked: list[dict[str, Any]]) -> Any:
+    """A list function that notes each call's arguments: an empty list page, or an empty
+    watch."""
+    page = {"metadata": {"resourceVersion": "7"}, "items": []}
+
+    def list_fn(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        if kwargs.get("watch"):
+            return EmptyWatch()
+        return SimpleNamespace(data=json.dumps(page).encode())
+
+    return list_fn
+
+
 def test_list_and_watch_use_the_selector_bound_before_start() -> None:
     """The executor binds its installation's selector after building its caches (the
     database says which installation it is): both the list and the watch must ask with it,
     or the cache would hold, and the sweep delete, other installations' Jobs."""
-    asked: list[tuple[bool, str]] = []
-    page = {"metadata": {"resourceVersion": "7"}, "items": []}
-
-    class Stream:
-        def stream(self, *args: Any, **kwargs: Any) -> Any:
-            return iter([])
-
-        def release_conn(self) -> None:
-            pass
-
-    def list_fn(*args: Any, **kwargs: Any) -> Any:
-        asked.append((bool(kwargs.get("watch")), kwargs["label_selector"]))
-        if kwargs.get("watch"):
-            return Stream()
-        return SimpleNamespace(data=json.dumps(page).encode())
-
-    cache = informer(alive_jobs=set(), list_fn=list_fn)
+    asked: list[dict[str, Any]] = []
+    cache = informer(alive_jobs=set(), list_fn=recording_list(asked))
     cache.selector = "app.kubernetes.io/managed-by=dharma-controller,dharma.stream/instance=a-1"
     version = cache._relist()
     cache._watch(version)
-    assert asked == [(False, cache.selector), (True, cache.selector)]
+    assert [(bool(a.get("watch")), a["label_selector"]) for a in asked] == [
+        (False, cache.selector),
+        (True, cache.selector),
+    ]
+
+
+def test_a_field_selector_narrows_both_the_list_and_the_watch() -> None:
+    """The pod cache leaves out Succeeded pods: asked of the list alone, a pod that has
+    Succeeded would come back through the watch (and the other way round)."""
+    asked: list[dict[str, Any]] = []
+    cache = Informer(
+        "pods", recording_list(asked), "ns", "a=b", trim=lambda o: o, on_change=lambda: None,
+        on_relist=lambda: None, api_timeout=1, watch_timeout=1,
+        field_selector="status.phase!=Succeeded",
+    )  # fmt: skip
+    cache._watch(cache._relist())
+    assert [(bool(a.get("watch")), a["label_selector"], a["field_selector"]) for a in asked] == [
+        (False, "a=b", "status.phase!=Succeeded"),
+        (True, "a=b", "status.phase!=Succeeded"),
+    ]
+
+
+def test_removal_is_told_unless_a_tombstone_stays() -> None:
+    """`on_remove` hears of each object that leaves the cache for good, by a DELETED event
+    or by vanishing from a relist — and not of a pod kept as a tombstone."""
+    removed: list[str] = []
+    page = {"metadata": {"resourceVersion": "9"}, "items": [pod("c-1", "job-c")]}
+    cache = Informer(
+        "pods", lambda *a, **k: SimpleNamespace(data=json.dumps(page).encode()), "ns", "",
+        trim=lambda o: o, on_change=lambda: None, on_relist=lambda: None, api_timeout=1,
+        watch_timeout=1, tombstones=True, index=lambda o: o["metadata"]["labels"]["job-name"],
+        keep_tombstone=lambda o: o["metadata"]["labels"]["job-name"] == "job-a",
+        on_remove=lambda o: removed.append(o["metadata"]["name"]),
+    )  # fmt: skip
+    for name, job in (("a-1", "job-a"), ("b-1", "job-b"), ("b-2", "job-b"), ("c-1", "job-c")):
+        cache._store(pod(name, job))
+    cache._remove(pod("a-1", "job-a"))  # tombstone
+    cache._remove(pod("b-1", "job-b"))
+    assert removed == ["b-1"]
+    cache._relist()  # b-2 vanished; a-1 stays a tombstone
+    assert removed == ["b-1", "b-2"]
+    assert cache.get("a-1") is not None and cache.get("c-1") is not None
+
+
+def test_dropping_a_jobs_tombstones_keeps_its_live_pods() -> None:
+    cache = informer(alive_jobs={"job-a"})
+    for name in ("a-1", "a-2"):
+        cache._store(pod(name, "job-a"))
+    cache._remove(pod("a-1", "job-a"))
+    cache.drop_tombstones("job-a")
+    assert cache.get("a-1") is None
+    assert [p["metadata"]["name"] for p in cache.by_index("job-a")] == ["a-2"]

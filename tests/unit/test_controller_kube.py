@@ -275,6 +275,29 @@ def test_observations_are_derived_again_only_when_the_job_or_a_pod_changed(
     assert calls == [NAME, NAME, NAME]
 
 
+def test_a_pod_leaving_the_watch_on_success_waits_for_the_jobs_verdict() -> None:
+    """The pod watch leaves out Succeeded pods (POD_FIELD_SELECTOR), so the API server
+    reports a pod's success as its DELETED event, carrying the pod's last running state: the
+    attempt stays running until the Job's own condition says how it ended, and once the Job
+    is gone so is the pod's tombstone (its later events never come)."""
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    kube.jobs.put(running_job(INSTANCE))
+    running = {
+        "metadata": {"name": "p", "namespace": "ns", "labels": {"job-name": NAME}},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:01Z"},
+    }
+    kube.pods.put(running)
+    kube.pods._remove(running)
+    assert kube.observe(KEY).phase is Phase.RUNNING
+    done = running_job(INSTANCE)
+    done["status"] = {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}
+    kube.jobs.put(done)
+    assert kube.observe(KEY).phase is Phase.SUCCEEDED
+    assert kube.pods.get("p") is not None  # a tombstone while its Job lives
+    kube.jobs._remove(done)
+    assert kube.pods.get("p") is None
+
+
 def test_json_posts_send_the_body_reuse_one_connection_and_raise_api_errors() -> None:
     """JsonPosts against a real HTTP server on loopback (the API server's TLS is not what is
     tested here): the dict arrives as JSON at the namespaced path, one connection serves
