@@ -68,7 +68,7 @@ class Informer:
         index: Callable[[Obj], str | None] | None = None,
         keep_tombstone: Callable[[Obj], bool] = lambda obj: True,
         field_selector: str = "",
-        on_remove: Callable[[Obj], None] | None = None,
+        on_update: Callable[[Obj, bool], None] | None = None,
     ) -> None:
         self.resource = resource
         self._list = list_fn
@@ -78,9 +78,10 @@ class Informer:
         self.selector = selector
         #: Narrows the list and the watch further (e.g. `status.phase!=Succeeded`).
         self._field_selector = field_selector
-        #: Told of each object that left the cache without a tombstone (deleted, vanished at
-        #: a relist), outside the cache's lock.
-        self._on_remove = on_remove
+        #: Told, outside the cache's lock, of each object stored from a watch event or a
+        #: create (`removed` False) and of each that left without a tombstone (deleted,
+        #: vanished at a relist: `removed` True).
+        self._on_update = on_update
         self._trim = trim
         self._on_change = on_change
         self._on_relist = on_relist
@@ -206,10 +207,10 @@ class Informer:
             self._keys = {}
             for name, obj in fresh.items():
                 self._add_to_index(name, obj)
-        if self._on_remove is not None:
+        if self._on_update is not None:
             for obj in vanished:
                 if obj["metadata"]["name"] not in fresh:
-                    self._on_remove(obj)
+                    self._on_update(obj, True)
         self._on_relist()
         self.synced.set()
         self._on_change()
@@ -283,6 +284,8 @@ class Informer:
             self._items[name] = obj
             self._add_to_index(name, obj)
             self._deleted_at.pop(name, None)
+        if self._on_update is not None:
+            self._on_update(obj, False)
 
     def _remove(self, obj: Obj) -> None:
         name = obj["metadata"]["name"]
@@ -297,8 +300,8 @@ class Informer:
             else:
                 self._items.pop(name, None)
                 self._deleted_at.pop(name, None)
-        if not keep and self._on_remove is not None:
-            self._on_remove(obj)
+        if not keep and self._on_update is not None:
+            self._on_update(obj, True)
 
     def drop_tombstones(self, key: str) -> None:
         """Forget the tombstones filed under index `key` (a Job's pods once the Job is gone:

@@ -34,7 +34,14 @@ from controller.events import EventRecorder, build_event
 from controller.executor import EventReason, Launched, LaunchErrors
 from controller.informer import Informer
 from controller.jobspec import Instance, LaunchSpec, UnknownModel, build_job, job_name
-from controller.kubestate import foreign_labels, is_finished, observe_job, trim_job, trim_pod
+from controller.kubestate import (
+    foreign_labels,
+    is_finished,
+    observe_job,
+    succeeded,
+    trim_job,
+    trim_pod,
+)
 from controller.metrics import Metrics
 from controller.model import NOT_FOUND, JobRow, Observation, Phase, RunnerKey
 from controller.settings import ControllerSettings
@@ -214,7 +221,7 @@ class KubernetesExecutor:
         }
         self.jobs = Informer(
             "jobs", self._batch.list_namespaced_job, trim=trim_job, index=_live,
-            on_relist=lambda: self._relisted("jobs"), on_remove=self._job_removed,
+            on_relist=lambda: self._relisted("jobs"), on_update=self._job_updated,
             **common,  # type: ignore[arg-type]
         )  # fmt: skip
         # Pods that have Succeeded are not watched (POD_FIELD_SELECTOR): a third of a pod's
@@ -229,17 +236,24 @@ class KubernetesExecutor:
         )  # fmt: skip
 
     def _job_alive(self, pod: Obj) -> bool:
-        """Is the pod's Job still there and not being deleted? Only then does "its pod was
-        deleted" say something (the TTL controller deletes finished Jobs in the foreground:
-        the Job carries a deletionTimestamp while its pods go)."""
+        """Is the pod's Job still there, not being deleted, and not succeeded? Only then does
+        "its pod was deleted" say something (the TTL controller deletes finished Jobs in the
+        foreground: the Job carries a deletionTimestamp while its pods go; a successful Job's
+        verdict is read before any pod)."""
         name = _job_of(pod)
         job = self.jobs.get(name) if name else None
-        return job is not None and not job["metadata"].get("deletionTimestamp")
+        return (
+            job is not None and not job["metadata"].get("deletionTimestamp") and not succeeded(job)
+        )
 
-    def _job_removed(self, job: Obj) -> None:
-        """A Job gone takes its pods' tombstones with it: their pods' own DELETED events no
-        longer come (a Succeeded pod left the pod watch), and nothing asks about them."""
-        self.pods.drop_tombstones(job["metadata"]["name"])
+    def _job_updated(self, job: Obj, removed: bool) -> None:
+        """A Job that succeeded or is gone takes its pods' tombstones with it: observe_job
+        reads a successful Job's verdict before any pod, and a Succeeded pod's later events
+        never come (it left the pod watch). A failed Job keeps them: a deleted pod is what its
+        failure is reported as. (A pod that leaves the watch just after its Job's success
+        was seen on the other watch is not kept: `_job_alive`.)"""
+        if removed or succeeded(job):
+            self.pods.drop_tombstones(job["metadata"]["name"])
 
     def bind(self, instance: Instance) -> None:
         """Scope this executor to one installation (before `start`): the caches select its

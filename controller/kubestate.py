@@ -167,7 +167,7 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
         return Observation(Phase.DELETED, runner_name=base.runner_name, deleted_kind="Job")
     conditions = _true_conditions(job)
     pod = current_pod(pods)
-    if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
+    if succeeded(job):
         return Observation(Phase.SUCCEEDED, runner_name=base.runner_name, exit_code=0)
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed is not None:
@@ -224,6 +224,11 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
         Phase.PENDING, runner_name=base.runner_name, since=since, image=base.image,
         waiting_reason=reason, message=message,
     )  # fmt: skip
+
+
+def succeeded(job: Obj) -> bool:
+    """The Job says its work is done (SuccessCriteriaMet comes first, then Complete)."""
+    return bool({"Complete", "SuccessCriteriaMet"} & set(_true_conditions(job)))
 
 
 def is_finished(job: Obj) -> bool:

@@ -121,26 +121,29 @@ def test_a_field_selector_narrows_both_the_list_and_the_watch() -> None:
     ]
 
 
-def test_removal_is_told_unless_a_tombstone_stays() -> None:
-    """`on_remove` hears of each object that leaves the cache for good, by a DELETED event
-    or by vanishing from a relist — and not of a pod kept as a tombstone."""
-    removed: list[str] = []
+def test_updates_and_removals_are_told_but_not_a_tombstone() -> None:
+    """`on_update` hears of each object stored, and of each that leaves the cache for good
+    (by a DELETED event or by vanishing from a relist) — not of a pod kept as a tombstone."""
+    told: list[tuple[str, bool]] = []
     page = {"metadata": {"resourceVersion": "9"}, "items": [pod("c-1", "job-c")]}
     cache = Informer(
         "pods", lambda *a, **k: SimpleNamespace(data=json.dumps(page).encode()), "ns", "",
         trim=lambda o: o, on_change=lambda: None, on_relist=lambda: None, api_timeout=1,
         watch_timeout=1, tombstones=True, index=lambda o: o["metadata"]["labels"]["job-name"],
         keep_tombstone=lambda o: o["metadata"]["labels"]["job-name"] == "job-a",
-        on_remove=lambda o: removed.append(o["metadata"]["name"]),
+        on_update=lambda o, removed: told.append((o["metadata"]["name"], removed)),
     )  # fmt: skip
     for name, job in (("a-1", "job-a"), ("b-1", "job-b"), ("b-2", "job-b"), ("c-1", "job-c")):
         cache._store(pod(name, job))
+    told.clear()
     cache._remove(pod("a-1", "job-a"))  # tombstone
     cache._remove(pod("b-1", "job-b"))
-    assert removed == ["b-1"]
+    assert told == [("b-1", True)]
     cache._relist()  # b-2 vanished; a-1 stays a tombstone
-    assert removed == ["b-1", "b-2"]
+    assert told == [("b-1", True), ("b-2", True)]
     assert cache.get("a-1") is not None and cache.get("c-1") is not None
+    cache._store(pod("c-1", "job-c"))
+    assert told[-1] == ("c-1", False)
 
 
 def test_dropping_a_jobs_tombstones_keeps_its_live_pods() -> None:

@@ -275,26 +275,48 @@ def test_observations_are_derived_again_only_when_the_job_or_a_pod_changed(
     assert calls == [NAME, NAME, NAME]
 
 
+RUNNING_POD = {
+    "metadata": {"name": "p", "namespace": "ns", "labels": {"job-name": NAME}},
+    "status": {"phase": "Running", "startTime": "2026-01-01T00:00:01Z"},
+}
+
+
 def test_a_pod_leaving_the_watch_on_success_waits_for_the_jobs_verdict() -> None:
     """The pod watch leaves out Succeeded pods (POD_FIELD_SELECTOR), so the API server
     reports a pod's success as its DELETED event, carrying the pod's last running state: the
-    attempt stays running until the Job's own condition says how it ended, and once the Job
-    is gone so is the pod's tombstone (its later events never come)."""
+    attempt stays running until the Job's own condition says how it ended. The pod's
+    tombstone goes when the Job succeeds (its verdict is read before any pod, and the pod's
+    later events never come), and no tombstone is made once it has."""
     kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
     kube.jobs.put(running_job(INSTANCE))
-    running = {
-        "metadata": {"name": "p", "namespace": "ns", "labels": {"job-name": NAME}},
-        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:01Z"},
-    }
-    kube.pods.put(running)
-    kube.pods._remove(running)
+    kube.pods.put(RUNNING_POD)
+    kube.pods._remove(RUNNING_POD)
+    assert kube.pods.get("p") is not None
     assert kube.observe(KEY).phase is Phase.RUNNING
     done = running_job(INSTANCE)
     done["status"] = {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}
     kube.jobs.put(done)
     assert kube.observe(KEY).phase is Phase.SUCCEEDED
-    assert kube.pods.get("p") is not None  # a tombstone while its Job lives
-    kube.jobs._remove(done)
+    assert kube.pods.get("p") is None
+    kube.pods.put(RUNNING_POD)  # the pod's watch behind the Job's
+    kube.pods._remove(RUNNING_POD)
+    assert kube.pods.get("p") is None
+
+
+def test_a_failed_jobs_deleted_pod_is_remembered_until_the_job_goes() -> None:
+    """A pod deleted under a Job that then fails is how the failure is told ("pod of Job …
+    was deleted externally"): its tombstone stays while the Job does."""
+    kube = KubernetesExecutor(SETTINGS, client.ApiClient(), instance=INSTANCE)
+    kube.jobs.put(running_job(INSTANCE))
+    kube.pods.put(RUNNING_POD)
+    kube.pods._remove(RUNNING_POD)
+    failed = running_job(INSTANCE)
+    failed["status"] = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+    }
+    kube.jobs.put(failed)
+    assert kube.observe(KEY).phase is Phase.DELETED
+    kube.jobs._remove(failed)
     assert kube.pods.get("p") is None
 
 
