@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 #: How long a deleted pod is remembered.
 TOMBSTONE_SECONDS = 600.0
+#: A watch waits this long after its last event before reading on, when nothing more has
+#: arrived: events are read in batches (controller/wire.py `lines`). Small against the
+#: passes' own spacing (MIN_PASS_INTERVAL_SECONDS).
+WATCH_SETTLE_SECONDS = 0.05
 #: Objects per list page. Small on purpose: a relist (API server restart, 410 Gone) happens
 #: when the cache is full, and each page is held as raw bytes plus fully decoded objects
 #: (~15 KB per pod) until it is trimmed; 500 per page raised the controller's peak RSS by
@@ -229,7 +233,7 @@ class Informer:
         )
         self._response = response
         try:
-            for line in wire.lines(response):
+            for line in wire.lines(response, settle=WATCH_SETTLE_SECONDS, stop=self._stop):
                 if self._stop.is_set():
                     break
                 if not line:

@@ -4,7 +4,10 @@ lines split as bytes whatever the chunking."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -108,3 +111,32 @@ class Chunked:
 def test_lines_are_whole_whatever_the_chunking(chunks: list[bytes]) -> None:
     lines = [line for line in wire.lines(Chunked(chunks)) if line]
     assert [json.loads(line) for line in lines] == [{"a": 1}, {"b": 2}]
+
+
+class Waits(threading.Event):
+    """A stop event that records the waits asked of it (and never waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout or 0.0)
+        return False
+
+
+@pytest.mark.parametrize("pending", [False, True])
+def test_a_watch_settles_only_when_nothing_more_is_waiting(pending: bool) -> None:
+    """After a chunk, `lines` waits `settle` before reading on only when the socket has
+    nothing more (a steady stream is then read in batches); with bytes waiting it reads on.
+    A real socket pair stands in for the API server's connection."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        if pending:
+            theirs.sendall(b"more")
+        response = Chunked([b'{"a":1}\n', b'{"b":2}\n'])
+        response.connection = SimpleNamespace(sock=ours)  # type: ignore[attr-defined]
+        stop = Waits()
+        lines = list(wire.lines(response, settle=0.05, stop=stop))
+    assert [json.loads(line) for line in lines] == [{"a": 1}, {"b": 2}]
+    assert stop.asked == ([] if pending else [0.05, 0.05])
