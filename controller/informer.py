@@ -302,26 +302,28 @@ class Informer:
                 self._add_to_index(name, self._items[name])
                 self._deleted_at[name] = time.monotonic()
             else:
-                self._items.pop(name, None)
-                self._deleted_at.pop(name, None)
+                self._forget(name)
         if not keep and self._on_update is not None:
             self._on_update(obj, True)
 
     def drop_tombstones(self, key: str) -> None:
-        """Forget the tombstones filed under index `key` (a Job's pods once the Job is gone:
-        nothing asks about them any more). Live objects stay; they get their own events."""
+        """Forget the tombstones filed under index `key` (a Job's pods once the Job has
+        succeeded or is gone: nothing asks about them any more). Live objects stay; they get
+        their own events."""
         with self._lock:
             for name in list(self._index.get(key, ())):
                 if self._items.get(name, {}).get(DELETED_MARK):
-                    self._drop_from_index(name)
-                    self._items.pop(name, None)
-                    self._deleted_at.pop(name, None)
+                    self._forget(name)
 
     def _expire_tombstones(self) -> None:
         now = time.monotonic()
         with self._lock:
             for name, when in list(self._deleted_at.items()):
                 if now - when > TOMBSTONE_SECONDS:
-                    self._deleted_at.pop(name, None)
-                    self._drop_from_index(name)
-                    self._items.pop(name, None)
+                    self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop `name` from the cache, its index and its tombstone clock (under our lock)."""
+        self._drop_from_index(name)
+        self._items.pop(name, None)
+        self._deleted_at.pop(name, None)

@@ -148,6 +148,10 @@ def _finished(
     )  # fmt: skip
 
 
+#: The conditions of a Job whose work is done.
+_SUCCESS = frozenset({"Complete", "SuccessCriteriaMet"})
+
+
 def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
     """The state of one attempt from its Job and the pods the Job made."""
     if job is None:
@@ -167,7 +171,7 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
         return Observation(Phase.DELETED, runner_name=base.runner_name, deleted_kind="Job")
     conditions = _true_conditions(job)
     pod = current_pod(pods)
-    if succeeded(job):
+    if _SUCCESS & conditions.keys():
         return Observation(Phase.SUCCEEDED, runner_name=base.runner_name, exit_code=0)
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed is not None:
@@ -228,7 +232,7 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Observation:
 
 def succeeded(job: Obj) -> bool:
     """The Job says its work is done (SuccessCriteriaMet comes first, then Complete)."""
-    return bool({"Complete", "SuccessCriteriaMet"} & set(_true_conditions(job)))
+    return bool(_SUCCESS & _true_conditions(job).keys())
 
 
 def is_finished(job: Obj) -> bool:

@@ -70,8 +70,8 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        # orjson: a fifth of the standard library's time for these small objects, and the
-        # controller writes ~3 lines per Job. What it cannot encode natively becomes str().
+        # orjson: 27 -> 23 µs per whole log call measured alone (the controller writes ~3
+        # lines per Job). What it cannot encode natively becomes str().
         return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
