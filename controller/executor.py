@@ -132,8 +132,11 @@ class Executor(Protocol):
     def finished_unclaimed(self) -> list[RunnerKey]:
         """Finished runners the executor still keeps state for (released via `forget`)."""
 
-    def delete(self, key: RunnerKey) -> None:
-        """Stop and remove the runner of `key` (cancellation, stale attempt, stuck Pending)."""
+    def delete(self, key: RunnerKey) -> bool:
+        """Stop and remove the runner of `key` (cancellation, stale attempt, stuck Pending).
+        True once the stop is asked for (or nothing is left to stop), though the runner may
+        still be observed alive for a while; False when asking failed (the next pass asks
+        again)."""
 
     def forget(self, key: RunnerKey) -> None:
         """The outcome of `key` is recorded (or irrelevant): release local state (including

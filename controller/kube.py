@@ -446,7 +446,7 @@ class KubernetesExecutor:
     def finished_unclaimed(self) -> list[RunnerKey]:
         return []
 
-    def delete(self, key: RunnerKey) -> None:
+    def delete(self, key: RunnerKey) -> bool:
         """Delete this installation's Job of `key`: the name carries the instance hash, so
         another installation's Job of the same job id and attempt is never hit."""
         name = self._name(key)
@@ -458,24 +458,18 @@ class KubernetesExecutor:
             )  # fmt: skip
             log.info("deleted Job", extra={"action": "job_deleted", "runner_name": name})
         except ApiException as exc:
-            if exc.status != 404:
-                log.warning(
-                    "cannot delete Job",
-                    extra={
-                        "action": "job_delete_failed",
-                        "runner_name": name,
-                        "error": _status_reason(exc),
-                    },
-                )
+            if exc.status == 404:
+                return True
+            error = _status_reason(exc)
         except Exception as exc:
-            log.warning(
-                "cannot delete Job",
-                extra={
-                    "action": "job_delete_failed",
-                    "runner_name": name,
-                    "error": first_line(exc),
-                },
-            )
+            error = first_line(exc)
+        else:
+            return True
+        log.warning(
+            "cannot delete Job",
+            extra={"action": "job_delete_failed", "runner_name": name, "error": error},
+        )
+        return False
 
     def forget(self, key: RunnerKey) -> None:
         """Finished Jobs stay until ttlSecondsAfterFinished, for `kubectl logs`; only the

@@ -281,12 +281,13 @@ class LocalExecutor:
         with self._lock:
             return [k for k, r in self._runners.items() if r.outcome is not None]
 
-    def delete(self, key: RunnerKey) -> None:
+    def delete(self, key: RunnerKey) -> bool:
         with self._lock:
             runner = self._runners.get(key)
         self._launch_errors.forget(key)
         if runner is not None and runner.outcome is None:
             self._signal(runner, KillReason.DELETE)
+        return True
 
     def forget(self, key: RunnerKey) -> None:
         self._launch_errors.forget(key)

@@ -81,6 +81,13 @@ class Leadership(Protocol):
 #: Passes a quiet controller may run back to back before MIN_PASS_INTERVAL_SECONDS applies.
 PASS_BURST = 10
 
+#: How long a runner the loop asked to stop is left to stop before it is asked again. A
+#: deleted Job leaves the Kubernetes executor's cache with the watch's next event, a local
+#: runner after its SIGTERM grace (LOCAL_TERMINATION_GRACE_SECONDS); until then the passes
+#: still see it. Asking again only repairs a cache that missed the deletion (as Kubernetes
+#: controllers' "expectations" expire).
+STOP_PATIENCE_SECONDS = 120.0
+
 
 def pass_budget(interval: float, clock: Callable[[], float] = time.monotonic) -> TokenBucket | None:
     """The loop's passes as a token bucket: one pass per `interval` under a steady stream of
@@ -130,6 +137,8 @@ class Service:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._next_queue_metrics = 0.0
+        #: Runners asked to stop, and when (monotonic): see `_stop`.
+        self._stops: dict[RunnerKey, float] = {}
         self._listener: WakeSource = (
             Listener(settings, f"dharma-controller-listen {self.identity}")
             if listener is None
@@ -391,8 +400,8 @@ class Service:
                 "row moved on before its runner was recorded; stopping the runner",
                 extra={"action": "launched_row_moved_on", "runner_name": result.runner_name},
             )
-            self.executor.delete(row.key)
-            self.metrics.deleted.labels(why=StopReason.ROW_MOVED_ON.value).inc()
+            if self._stop(row.key):
+                self.metrics.deleted.labels(why=StopReason.ROW_MOVED_ON.value).inc()
 
     # ------------------------------------------------------------------ reconciling ---
 
@@ -481,10 +490,20 @@ class Service:
                 extra={"action": "failure_not_recorded", "failure_reason": reason},
             )
         if failure.delete_runner:
-            self.executor.delete(row.key)
-            self.metrics.deleted.labels(why=reason).inc()
+            if self._stop(row.key):
+                self.metrics.deleted.labels(why=reason).inc()
         else:
             self.executor.forget(row.key)
+
+    def _stop(self, key: RunnerKey) -> bool:
+        """Ask the executor to stop the runner of `key`, and remember that it was asked: the
+        passes that still see the runner alive (STOP_PATIENCE_SECONDS) leave it to stop, so
+        it is deleted, told and counted once. False when the ask failed: the sweep of the
+        next pass asks again."""
+        if not self.executor.delete(key):
+            return False
+        self._stops[key] = self.clock.monotonic()
+        return True
 
     def _rescue_abandoned(self) -> None:
         """Rows another controller claimed so long ago that its runner is certainly gone,
@@ -502,7 +521,10 @@ class Service:
     def _sweep(self, owned: set[object], runners: list[RunnerKey]) -> None:
         """Stop runners whose row is no longer theirs (cancelled, retried, gone); release the
         state of finished ones. A fenced runner (exit 12) ends here: nothing is recorded."""
-        alive = [k for k in runners if k not in owned]
+        if self._stops:
+            now = self.clock.monotonic()
+            self._stops = {k: t for k, t in self._stops.items() if now - t < STOP_PATIENCE_SECONDS}
+        alive = [k for k in runners if k not in owned and k not in self._stops]
         finished = [k for k in self.executor.finished_unclaimed() if k not in owned]
         if not alive and not finished:
             return
@@ -520,10 +542,11 @@ class Service:
                            "row_attempts": owner[1] if owner else None,
                            "row_deleted": owner is None},
                 )  # fmt: skip
+                if not self._stop(key):
+                    continue
                 if why is StopReason.CANCELLED:
                     told = "the job was cancelled; stopping its runner"
                     self.executor.record_event(key, EventReason.CANCELLED, told)
-                self.executor.delete(key)
             self.metrics.deleted.labels(why=why.value).inc()
         for key in finished:
             if rows.get(key.job_id) != (JobStatus.PROCESSING, key.attempt):

@@ -344,7 +344,11 @@ class FakeExecutor:
     loop asks of it.
 
     - `runners`: what `observe` reports per attempt (Phase.NONE when absent); a successful
-      launch adds a PENDING runner, `delete` removes it;
+      launch adds a PENDING runner, `delete` removes it (unless `slow_stops`);
+    - `slow_stops`: `delete` leaves the runner as it was, as a Job's deletion reaches the
+      Kubernetes executor's cache only with the watch's next event and a local runner ends
+      only after its SIGTERM; the test ends it (`runners.pop`);
+    - `refuse_delete`: attempts whose stop cannot be asked for (`delete` returns False);
     - `gone`: what `verify_gone` reports (default: DELETED);
     - `fail_launch`: launches that fail, with the result to return;
     - `finished`: attempts whose outcome the executor keeps until `forget`;
@@ -363,6 +367,8 @@ class FakeExecutor:
     gone: dict[RunnerKey, Observation] = field(default_factory=dict)
     fail_launch: dict[RunnerKey, Launched] = field(default_factory=dict)
     finished: list[RunnerKey] = field(default_factory=list)
+    slow_stops: bool = False
+    refuse_delete: set[RunnerKey] = field(default_factory=set)
     abandoned: dict[int, Observation] = field(default_factory=dict)
     stopped_on_shutdown: list[RunnerKey] = field(default_factory=list)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
@@ -427,10 +433,14 @@ class FakeExecutor:
     def finished_unclaimed(self) -> list[RunnerKey]:
         return list(self.finished)
 
-    def delete(self, key: RunnerKey) -> None:
+    def delete(self, key: RunnerKey) -> bool:
         self.calls.append(("delete", key))
+        if key in self.refuse_delete:
+            return False
         self._launch_errors.forget(key)
-        self.runners.pop(key, None)
+        if not self.slow_stops:
+            self.runners.pop(key, None)
+        return True
 
     def forget(self, key: RunnerKey) -> None:
         self.calls.append(("forget", key))

@@ -27,7 +27,7 @@ from controller.local import LocalExecutor
 from controller.metrics import Metrics
 from controller.model import Observation, Phase, RunnerKey
 from controller.reconcile import FailureReason
-from controller.service import PASS_BURST, Service, pass_budget
+from controller.service import PASS_BURST, STOP_PATIENCE_SECONDS, Service, pass_budget
 from controller.settings import ControllerSettings
 from controller.testing import FakeClock, FakeExecutor, FakeListener, InMemoryStore, Write
 from dharma_common.contract import JobStatus
@@ -805,3 +805,46 @@ def test_a_job_naming_an_unknown_model_fails_at_once_without_a_runner() -> None:
     )
     assert w.store.get(job_id).status is JobStatus.FAILED
     assert not w.executor.runners
+
+
+def test_a_runner_is_stopped_once_while_its_stop_takes_effect() -> None:
+    """A deleted Job stays in the cache until the watch's next event (read in batches: tens of
+    milliseconds), and a SIGTERMed local runner lives through its grace period; passes in
+    between must not stop it again: one delete, one Cancelled Event, one count (CI saw the
+    Event twice on a real control plane). If the runner outlives STOP_PATIENCE_SECONDS, the
+    stop is asked again."""
+    w = world(executor_args={"slow_stops": True})
+    _cancelled(w)
+    assert w.one_pass()[1] == [("delete", K11)]
+    for _ in range(3):
+        w.clock.advance(1)
+        assert w.one_pass()[1] == []
+    assert [e[1] for e in w.executor.events] == [E.CANCELLED]
+    assert sample(w, "dharma_runner_deletions_total", why="cancelled") == 1
+    w.clock.advance(STOP_PATIENCE_SECONDS)
+    assert w.one_pass()[1] == [("delete", K11)]
+
+
+def test_a_runner_deleted_by_a_failure_is_not_swept_after() -> None:
+    """Stuck Pending: the failure deletes the runner; the next pass, which sees it still (the
+    watch is behind), neither deletes it again nor counts it a second time under
+    row_moved_on."""
+    w = world(executor_args={"slow_stops": True})
+    _stuck(w)
+    assert w.one_pass()[1] == [("delete", K11)]
+    assert w.one_pass()[1] == []
+    assert sample(w, "dharma_runner_deletions_total", why="unschedulable") == 1
+    assert sample(w, "dharma_runner_deletions_total", why="row_moved_on") is None
+
+
+def test_a_stop_that_could_not_be_asked_is_asked_again_next_pass() -> None:
+    """The API refused the delete (not a 404): the runner is still there, so the next pass
+    asks again; the Cancelled Event is told once, when the stop was asked for."""
+    w = world(executor_args={"slow_stops": True, "refuse_delete": {K11}})
+    _cancelled(w)
+    assert w.one_pass()[1] == [("delete", K11)]
+    assert w.executor.events == []
+    w.executor.refuse_delete.clear()
+    assert w.one_pass()[1] == [("delete", K11)]
+    assert w.one_pass()[1] == []
+    assert [e[1] for e in w.executor.events] == [E.CANCELLED]
