@@ -400,8 +400,7 @@ class Service:
                 "row moved on before its runner was recorded; stopping the runner",
                 extra={"action": "launched_row_moved_on", "runner_name": result.runner_name},
             )
-            if self._stop(row.key):
-                self.metrics.deleted.labels(why=StopReason.ROW_MOVED_ON.value).inc()
+            self._stop(row.key, StopReason.ROW_MOVED_ON.value)
 
     # ------------------------------------------------------------------ reconciling ---
 
@@ -490,19 +489,19 @@ class Service:
                 extra={"action": "failure_not_recorded", "failure_reason": reason},
             )
         if failure.delete_runner:
-            if self._stop(row.key):
-                self.metrics.deleted.labels(why=reason).inc()
+            self._stop(row.key, reason)
         else:
             self.executor.forget(row.key)
 
-    def _stop(self, key: RunnerKey) -> bool:
-        """Ask the executor to stop the runner of `key`, and remember that it was asked: the
-        passes that still see the runner alive (STOP_PATIENCE_SECONDS) leave it to stop, so
-        it is deleted, told and counted once. False when the ask failed: the sweep of the
-        next pass asks again."""
+    def _stop(self, key: RunnerKey, why: str) -> bool:
+        """Ask the executor to stop the runner of `key`, count it under `why`, and remember
+        that it was asked: the passes that still see the runner alive (STOP_PATIENCE_SECONDS)
+        leave it to stop, so it is deleted, told and counted once. False when the ask failed
+        (nothing counted): the sweep of the next pass asks again."""
         if not self.executor.delete(key):
             return False
         self._stops[key] = self.clock.monotonic()
+        self.metrics.deleted.labels(why=why).inc()
         return True
 
     def _rescue_abandoned(self) -> None:
@@ -542,12 +541,9 @@ class Service:
                            "row_attempts": owner[1] if owner else None,
                            "row_deleted": owner is None},
                 )  # fmt: skip
-                if not self._stop(key):
-                    continue
-                if why is StopReason.CANCELLED:
+                if self._stop(key, why.value) and why is StopReason.CANCELLED:
                     told = "the job was cancelled; stopping its runner"
                     self.executor.record_event(key, EventReason.CANCELLED, told)
-            self.metrics.deleted.labels(why=why.value).inc()
         for key in finished:
             if rows.get(key.job_id) != (JobStatus.PROCESSING, key.attempt):
                 self.executor.forget(key)
