@@ -224,6 +224,10 @@ def _finished_still_owned(w: World) -> None:
     w.executor.finished.append(key)
 
 
+def _finished_claimed_elsewhere(w: World) -> None:
+    w.executor.finished.append(w.processing(claimed_by="other", runner_name="runner-1-1"))
+
+
 def _launch_fails(w: World) -> None:
     w.store.insert()
     w.executor.fail_launch[K11] = Launched(K11, None, error="creating Job: 503")
@@ -301,6 +305,8 @@ CASES = [
          [NO_CLAIM], [("forget", K11)]),
     Case("sweep: a finished runner of an owned row is kept", _finished_still_owned,
          [NO_CLAIM], []),
+    Case("sweep: a finished runner of a row claimed after the pass read its rows is kept",
+         _finished_claimed_elsewhere, [NO_CLAIM], [], executor={"owner": "ctl"}),
     Case("a launch error is remembered, nothing written", _launch_fails,
          [("claim", "ctl", [1])], [("launch", [K11])]),
     Case("abandoned by a vanished local controller: retry", _abandoned(False),
@@ -630,6 +636,100 @@ def test_run_waits_for_the_executor_to_sync_and_stops_on_request() -> None:
     assert not thread.is_alive()
     assert w.store.writes == []
     assert w.service.probe_port is None
+
+
+class StopsWhileStarting(FakeExecutor):
+    """A stop is requested while the executor starts (SIGTERM during start-up)."""
+
+    service: Service | None = None
+
+    def start(self, wake: Callable[[], None]) -> None:
+        super().start(wake)
+        assert self.service is not None
+        self.service.request_stop()
+
+
+def test_a_stop_requested_during_start_up_runs_no_pass() -> None:
+    w = world(StopsWhileStarting)
+    assert isinstance(w.executor, StopsWhileStarting)
+    w.executor.service = w.service
+    w.store.insert()
+    assert w.service.run() == 0
+    assert w.store.writes == []
+    assert [c[0] for c in w.executor.calls] == ["bind", "start", "shutdown"]
+
+
+def test_an_adoption_refused_because_the_row_moved_on_leaves_the_runner_to_the_sweep() -> None:
+    """The row is cancelled between the pass's read and the adoption's write: the name is not
+    written, nothing is recorded for the attempt, and the next pass's sweep stops the runner."""
+    w = world(CancelOnObserve)
+    assert isinstance(w.executor, CancelOnObserve)
+    w.executor.store = w.store
+    w.sees(w.processing(), Phase.RUNNING)
+    assert w.one_pass() == ([("set_runner_name", K11, "runner-1-1", False), NO_CLAIM], [])
+    assert w.one_pass() == ([NO_CLAIM], [("delete", K11)])
+
+
+class StopDuringPass(FakeExecutor):
+    """A stop is requested while the pass reconciles (SIGTERM mid-pass)."""
+
+    service: Service | None = None
+
+    def observe(self, key: RunnerKey) -> Observation:
+        assert self.service is not None
+        self.service.request_stop()
+        return super().observe(key)
+
+
+def test_a_stop_requested_during_a_pass_claims_nothing() -> None:
+    w = world(StopDuringPass)
+    assert isinstance(w.executor, StopDuringPass)
+    w.executor.service = w.service
+    w.sees(w.processing(runner_name="runner-1-1"), Phase.RUNNING)
+    w.store.insert()
+    assert w.one_pass() == ([], [])
+
+
+class StopsANeverLaunchedRow(FakeExecutor):
+    """Reports at shutdown a runner it never saw (defensive: a real executor reports only
+    children it stopped)."""
+
+    def shutdown(self) -> list[RunnerKey]:
+        self.calls.append(("shutdown",))
+        return [K11]
+
+
+def test_shutdown_never_launches_a_row_that_has_no_runner() -> None:
+    """Reconciling at shutdown a row whose runner was never created decides Launch; the
+    controller is stopping, so the row is left for the next controller to launch."""
+    w = world(StopsANeverLaunchedRow, executor_args={"owner": "ctl"})
+    w.processing()
+    w.service._shutdown()
+    assert w.store.writes == []
+    assert w.executor.calls == [("shutdown",)]
+
+
+class StopDuringLaunch(FakeExecutor):
+    """A stop is requested while a batch launches (SIGTERM mid-claim)."""
+
+    service: Service | None = None
+
+    def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
+        assert self.service is not None
+        self.service.request_stop()
+        return super().launch(specs)
+
+
+def test_a_stop_requested_during_the_claims_ends_them() -> None:
+    w = world(StopDuringLaunch, CLAIM_BATCH_SIZE=1)
+    assert isinstance(w.executor, StopDuringLaunch)
+    w.executor.service = w.service
+    for _ in range(2):
+        w.store.insert()
+    assert w.one_pass() == (
+        [("claim", "ctl", [1]), ("set_runner_name", K11, "runner-1-1", True)],
+        [("launch", [K11])],
+    )
 
 
 def test_stop_before_the_database_answers() -> None:
