@@ -5,7 +5,8 @@ instead of installing PyPI's generic CPU wheel, at the price of a compiler stage
 OpenBLAS in the image. This measures what that buys, on the same audio, the same model and
 the same thread count.
 
-What runs: `measure()` below, unchanged, in two places:
+What runs: `measure()` below, unchanged, in two places (it loads ggml's CPU variant the way
+the runner does, jobrunner/backends.py, and reports which one ran):
 
 * the jobrunner image (`dharma-stream/jobrunner:dev-nomodel`, built by `scripts/images
   build`), through `scripts/images docker run --network none --read-only` with this file,
@@ -58,6 +59,10 @@ def measure(model_path: str, audio_path: str, threads: int) -> dict[str, Any]:
     import numpy as np
     from pywhispercpp.model import Model
 
+    from jobrunner.backends import load_backends
+
+    backends = load_backends()  # the image's CPU variants load before the model, as in the runner
+
     with wave.open(audio_path) as wav:
         assert wav.getframerate() == 16000 and wav.getnchannels() == 1, "16 kHz mono WAV"
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
@@ -78,6 +83,7 @@ def measure(model_path: str, audio_path: str, threads: int) -> dict[str, Any]:
         "audio_s": audio.size / 16000,
         "text": " ".join(s.text.strip() for s in segments),
         "nice": os.nice(0),
+        "cpu_backend": backends.cpu,
         "pywhispercpp": metadata.version("pywhispercpp"),
     }
 
@@ -129,12 +135,12 @@ def report(sides: list[Side], args: argparse.Namespace) -> str:
         f"whisper.cpp on {args.audio.name} ({first['audio_s']:.1f} s of speech),"
         f" {args.model.name}, {args.threads} threads; median [min-max] of {args.repeat}"
         " runs each, after a warm-up transcription",
-        f"{'':38} {'backend':8} {'wall s':>20} {'cpu s':>20} {'load s':>7} nice",
+        f"{'':38} {'backend':22} {'wall s':>20} {'cpu s':>20} {'load s':>7} nice",
     ]
     for side in sides:
         wall, cpu, load = side.figure("wall_s"), side.figure("cpu_s"), side.figure("load_s")
         lines.append(
-            f"{side.name:38} {'/'.join(sorted(side.backends)):8}"
+            f"{side.name:38} {'/'.join(sorted(side.backends)):22}"
             f" {wall[0]:7.2f} [{wall[1]:.2f}-{wall[2]:.2f}]"
             f" {cpu[0]:7.2f} [{cpu[1]:.2f}-{cpu[2]:.2f}] {load[0]:7.2f}"
             f" {side.runs[0]['nice']:4}"
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         for side, command in sides:
             figures, backend = _run(command)
             side.runs.append(figures)
-            side.backends.add(backend)
+            side.backends.add(f"{backend}+{figures['cpu_backend']}")
     print(report([side for side, _ in sides], args))
     if args.json:
         raw = {side.name: {**asdict(side), "backends": sorted(side.backends)} for side, _ in sides}

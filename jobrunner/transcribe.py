@@ -3,7 +3,8 @@
 Why the bindings and not the CLI: the model loads once per process, PCM goes in as an array
 (whisper.cpp cannot read AAC — DESIGN.md defect 2), segments arrive through a callback (our
 progress), and an abort callback lets a cancelled or fenced-out attempt stop in seconds. The
-production image builds the same bindings from source with OpenBLAS (Dockerfile.worker).
+production image builds the same bindings from source with OpenBLAS and one CPU library per
+instruction-set level, the node's best loaded at run time (Dockerfile.worker, backends.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from jobrunner.backends import load_backends
 from jobrunner.errors import PermanentError, RunnerError, ToolError
 from jobrunner.subtitles import Segment, decode_segments
 from jobrunner.windows import FRAME_MS, FRAME_SAMPLES, Cuts, Window, plan_windows, to_talk_time
@@ -192,6 +194,8 @@ class WhisperCpp:
         from pywhispercpp.model import Model
 
         _big_blocks_back_to_the_system()
+        # Before the model: with the image's dynamic backends nothing runs until one is loaded.
+        self.backends = load_backends()
         self._threads = threads
         self.cuts = Cuts.for_seconds(window_seconds)
         self.beam_size = beam_size if beam_size > 1 else 0
@@ -308,6 +312,8 @@ class WhisperCpp:
                 "best_of": self.decoding.best_of,
                 "flash_attn": bool(self._model._context_params.flash_attn),
                 "audio_ctx": self.decoding.audio_ctx,
+                "cpu_backend": self.backends.cpu,
+                "blas": self.backends.blas,
             },
         )
 

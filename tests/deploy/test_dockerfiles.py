@@ -161,6 +161,14 @@ def test_worker_builds_the_pinned_whisper_bindings_from_source_with_openblas() -
     assert "GGML_BLAS=1" in text and "GGML_BLAS_VENDOR=OpenBLAS" in text
     assert "-DGGML_NATIVE=OFF" in text
     assert "CMAKE_INSTALL_RPATH=$ORIGIN" in text
+    # ggml's CPU variants, copied beside the bindings, checked at build time; the AMX fix.
+    assert "-DGGML_BACKEND_DL=ON" in text and "-DGGML_CPU_ALL_VARIANTS=ON" in text
+    assert "CFLAGS='-fno-dse -fno-tree-dse'" in text
+    assert "CXXFLAGS='-fno-dse -fno-tree-dse'" in text
+    assert "_pywhispercpp/bin/libggml-*.so" in text
+    runtime = next(s for s in stages if s.name == "runner-nomodel")
+    assert any("python -m jobrunner.backends" in run for run in runs(build))
+    assert any("python -m jobrunner.backends" in run for run in runs(runtime))
     assert "pywhispercpp" in pins()
     assert any('".[runner]"' in run for run in runs(build))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import re
 import subprocess
 import threading
@@ -99,10 +100,13 @@ def test_runner_image_carries_the_verified_model(docker: Docker) -> None:
 
 
 def test_runner_image_transcribes_speech_with_its_model(docker: Docker) -> None:
-    """whisper.cpp with OpenBLAS and the baked model, on jfk.wav, as the unprivileged user."""
+    """whisper.cpp with OpenBLAS, the CPU variant for this CPU (loaded first, as the runner
+    does) and the baked model, on jfk.wav, as the unprivileged user."""
     script = (
-        "import os, wave, numpy as np\n"
+        "import json, os, wave, numpy as np\n"
         "from pywhispercpp.model import Model\n"
+        "from jobrunner.backends import load_backends\n"
+        "print(json.dumps(load_backends().__dict__))\n"
         "w = wave.open('/assets/jfk.wav')\n"
         "pcm = np.frombuffer(w.readframes(w.getnframes()), dtype='<i2')\n"
         "m = Model(os.environ['WHISPER_MODEL'], n_threads=2)\n"
@@ -115,7 +119,14 @@ def test_runner_image_transcribes_speech_with_its_model(docker: Docker) -> None:
     )  # fmt: skip
     # whisper.cpp's log (stderr): the BLAS backend, not the plain CPU one, was chosen.
     assert "whisper_backend_init: using BLAS backend" in result.stderr, result.stderr
-    text = result.stdout.strip().lower()
+    backends, text = result.stdout.strip().lower().split("\n", 1)
+    # A CPU variant was chosen for this CPU (containers share the host's): with AVX2, at least
+    # the haswell one.
+    chosen = json.loads(backends)["cpu"]
+    assert chosen != "built-in", backends
+    if " avx2 " in Path("/proc/cpuinfo").read_text():
+        assert chosen not in ("x64", "sse42", "sandybridge"), backends
+    assert json.loads(backends)["blas"] is True, backends
     assert "ask not what your country can do for you" in text, text
 
 

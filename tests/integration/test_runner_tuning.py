@@ -51,6 +51,8 @@ def test_reencoded_video_is_converted_before_whisper_starts_by_default(
     assert decoding == decoding | {
         "threads": 2, "strategy": "WHISPER_SAMPLING_GREEDY", "beam_size": 0,
         "flash_attn": True, "audio_ctx": 0,  # docs/performance.md, models and quantization
+        # PyPI's wheel here: CPU code built in, no OpenBLAS (the image's: jobrunner/backends.py)
+        "cpu_backend": "built-in", "blas": False,
     }  # fmt: skip
 
 

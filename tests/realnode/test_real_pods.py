@@ -233,6 +233,10 @@ def test_helm_install_runs_a_real_talk_in_real_pods(
     lines = [json.loads(line) for line in logs if line.startswith("{")]
     assert lines and all(line.get("job_id") == job_id for line in lines if "job_id" in line)
     assert {line.get("attempt") for line in lines if "attempt" in line} == {1}
+    # In a pod under restricted Pod Security, the image's ggml loaded a CPU variant for the
+    # node's CPU (jobrunner/backends.py) and OpenBLAS's backend.
+    decoding = next(line for line in lines if line.get("action") == "whisper_decoding")
+    assert decoding["cpu_backend"] != "built-in" and decoding["blas"] is True, decoding
     print(f"real pods: INSERT -> completed in {wall:.1f} s (helm install, in-cluster controller)")
 
 
