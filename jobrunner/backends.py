@@ -65,7 +65,8 @@ def load_from(directory: Path, maps: Path = Path("/proc/self/maps")) -> Backends
     """Load ggml's dynamic backends from `directory` (see `load_backends`). `maps` tells
     which variant the loader kept: ggml opens every candidate to score it and keeps only the
     best mapped, and it has no call that names the one it chose."""
-    if not any(_VARIANT.search(p.name) for p in directory.glob("libggml-cpu-*.so")):
+    variants = sorted(p.name for p in directory.glob("libggml-cpu-*.so") if _VARIANT.search(p.name))
+    if not variants:
         return Backends(_BUILT_IN, (directory / "libggml-blas.so").is_file())
     import _pywhispercpp  # noqa: F401  (maps libggml the way the bindings link it)
 
@@ -85,8 +86,7 @@ def load_from(directory: Path, maps: Path = Path("/proc/self/maps")) -> Backends
     cpu = sorted(m.group(1) for name in loaded if (m := _VARIANT.search(name)))
     if not cpu:
         raise PermanentError(
-            f"no ggml CPU library in {directory} runs on this CPU "
-            f"(found: {', '.join(sorted(p.name for p in directory.glob('libggml-cpu-*.so')))})"
+            f"no ggml CPU library in {directory} runs on this CPU (found: {', '.join(variants)})"
         )
     return Backends(cpu[0], "libggml-blas.so" in loaded)
 

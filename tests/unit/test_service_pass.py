@@ -638,21 +638,34 @@ def test_run_waits_for_the_executor_to_sync_and_stops_on_request() -> None:
     assert w.service.probe_port is None
 
 
-class StopsWhileStarting(FakeExecutor):
-    """A stop is requested while the executor starts (SIGTERM during start-up)."""
+class StopsTheService(FakeExecutor):
+    """Requests the service's stop from inside one of its calls (SIGTERM at that moment);
+    subclasses choose the call."""
 
     service: Service | None = None
 
-    def start(self, wake: Callable[[], None]) -> None:
-        super().start(wake)
+    def stop_the_service(self) -> None:
         assert self.service is not None
         self.service.request_stop()
 
 
-def test_a_stop_requested_during_start_up_runs_no_pass() -> None:
-    w = world(StopsWhileStarting)
-    assert isinstance(w.executor, StopsWhileStarting)
+def stopping_world(executor: type[StopsTheService], **settings: Any) -> World:
+    w = world(executor, **settings)
+    assert isinstance(w.executor, StopsTheService)
     w.executor.service = w.service
+    return w
+
+
+class StopsWhileStarting(StopsTheService):
+    """While the executor starts (SIGTERM during start-up)."""
+
+    def start(self, wake: Callable[[], None]) -> None:
+        super().start(wake)
+        self.stop_the_service()
+
+
+def test_a_stop_requested_during_start_up_runs_no_pass() -> None:
+    w = stopping_world(StopsWhileStarting)
     w.store.insert()
     assert w.service.run() == 0
     assert w.store.writes == []
@@ -670,21 +683,16 @@ def test_an_adoption_refused_because_the_row_moved_on_leaves_the_runner_to_the_s
     assert w.one_pass() == ([NO_CLAIM], [("delete", K11)])
 
 
-class StopDuringPass(FakeExecutor):
-    """A stop is requested while the pass reconciles (SIGTERM mid-pass)."""
-
-    service: Service | None = None
+class StopDuringPass(StopsTheService):
+    """While the pass reconciles (SIGTERM mid-pass)."""
 
     def observe(self, key: RunnerKey) -> Observation:
-        assert self.service is not None
-        self.service.request_stop()
+        self.stop_the_service()
         return super().observe(key)
 
 
 def test_a_stop_requested_during_a_pass_claims_nothing() -> None:
-    w = world(StopDuringPass)
-    assert isinstance(w.executor, StopDuringPass)
-    w.executor.service = w.service
+    w = stopping_world(StopDuringPass)
     w.sees(w.processing(runner_name="runner-1-1"), Phase.RUNNING)
     w.store.insert()
     assert w.one_pass() == ([], [])
@@ -709,21 +717,16 @@ def test_shutdown_never_launches_a_row_that_has_no_runner() -> None:
     assert w.executor.calls == [("shutdown",)]
 
 
-class StopDuringLaunch(FakeExecutor):
-    """A stop is requested while a batch launches (SIGTERM mid-claim)."""
-
-    service: Service | None = None
+class StopDuringLaunch(StopsTheService):
+    """While a batch launches (SIGTERM mid-claim)."""
 
     def launch(self, specs: Sequence[LaunchSpec]) -> list[Launched]:
-        assert self.service is not None
-        self.service.request_stop()
+        self.stop_the_service()
         return super().launch(specs)
 
 
 def test_a_stop_requested_during_the_claims_ends_them() -> None:
-    w = world(StopDuringLaunch, CLAIM_BATCH_SIZE=1)
-    assert isinstance(w.executor, StopDuringLaunch)
-    w.executor.service = w.service
+    w = stopping_world(StopDuringLaunch, CLAIM_BATCH_SIZE=1)
     for _ in range(2):
         w.store.insert()
     assert w.one_pass() == (
