@@ -250,7 +250,9 @@ def evaluate_with(
             )
             wall, cpu = time.monotonic() - begun, _cpu_seconds() - cpu_before
             script = chosen.script_for(Script.SIMPLIFIED)
-            cleaned = convert_segments(clean_segments(segments, int(duration * 1000)), script)
+            cleaned = convert_segments(
+                clean_segments(segments, int(duration * 1000)), script, language
+            )
             joiner = "" if language in CHINESE else " "
             hypothesis = joiner.join(s.text for s in cleaned)
             result = score(sample.reference, hypothesis, sample.language)

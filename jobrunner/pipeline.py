@@ -347,9 +347,10 @@ def run_attempt(
 
 
 def job_speech(settings: RunnerSettings, job: Attempt) -> Speech:
-    """The job's language (its own, else WHISPER_LANGUAGE), script (the tag's, else
-    CHINESE_SCRIPT; as written for languages other than Chinese) and prompt (its own
-    `initial_prompt`, else WHISPER_PROMPTS for its language). A bad value is permanent."""
+    """The job's language (its own, else WHISPER_LANGUAGE), script of its Chinese text (the
+    tag's, else CHINESE_SCRIPT; for `auto`, of the windows detected as Chinese) and prompt
+    (its own `initial_prompt`, else WHISPER_PROMPTS for its language). A bad value is
+    permanent."""
     chosen = parse_language(job.language or settings.WHISPER_LANGUAGE)
     language = check_language(chosen.whisper)
     script = chosen.script_for(settings.CHINESE_SCRIPT)
@@ -394,7 +395,9 @@ def _subtitles(
 ) -> list[Segment]:
     """Clean whisper's segments, convert them to the job's script, and write the WebVTT
     file. Converted once, here: the subtitle rows and the WebVTT file are the same text."""
-    cleaned = convert_segments(clean_segments(segments, int(duration * 1000)), speech.script)
+    cleaned = convert_segments(
+        clean_segments(segments, int(duration * 1000)), speech.script, speech.language
+    )
     vtt.write_text(render_webvtt(cleaned), encoding="utf-8")
     return cleaned
 

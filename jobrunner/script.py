@@ -9,9 +9,10 @@ come from the same converted segments and cannot disagree.
 Which script: a job's `language` may name it as a BCP-47-like tag (`zh-Hans`, `zh-Hant`,
 `zh-CN`, `zh-TW`, `zh-HK`, ...); whisper is given the base language (`zh`) and the script
 picks the OpenCC configuration. A tag without a script uses the deployment's
-`CHINESE_SCRIPT`. Only Chinese (`zh`, `yue`) is converted; with `auto` the text is left as
-written (the detected language is not known before the run, and converting Japanese kanji
-with t2s would damage it).
+`CHINESE_SCRIPT`. Only Chinese (`zh`, `yue`) is converted. An `auto` job's language is not
+known before the run: whisper detects it per window, and only the windows it detected as
+Chinese are converted (to `CHINESE_SCRIPT`); Japanese kanji converted with t2s would be
+damaged.
 
 The initial prompt is text whisper continues: its script and punctuation style carry over
 to what it writes (docs/performance.md, "Chinese script and prompts", measured).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cache
 
@@ -89,8 +90,9 @@ class JobLanguage:
     script: Script | None = None
 
     def script_for(self, default: Script) -> Script:
-        """The script this job's text is written in: as written unless Chinese."""
-        if self.whisper not in CHINESE:
+        """The script this job's Chinese text is written in: as written for a language
+        other than Chinese; `default` for `auto` (for the windows detected as Chinese)."""
+        if self.whisper not in CHINESE | {"auto"}:
             return Script.AS_WRITTEN
         return self.script or default
 
@@ -161,10 +163,15 @@ def converter(script: Script) -> Callable[[str], str]:
     return opencc.OpenCC(config).convert
 
 
-def convert_segments(segments: Iterable[Segment], script: Script) -> list[Segment]:
-    """The segments with their text in `script`; times unchanged."""
+def convert_segments(segments: Iterable[Segment], script: Script, language: str) -> list[Segment]:
+    """The segments with their Chinese text in `script`; times unchanged. A segment is
+    Chinese if the language whisper detected for it (`auto` jobs), else the job's
+    `language`, is; other segments are left as written."""
     convert = converter(script)
-    return [Segment(s.start_ms, s.end_ms, convert(s.text)) for s in segments]
+    return [
+        replace(s, text=convert(s.text)) if (s.language or language) in CHINESE else s
+        for s in segments
+    ]
 
 
 def han_share_changed(text: str, script: Script) -> tuple[int, int]:

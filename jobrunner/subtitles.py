@@ -5,17 +5,24 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Segment:
+    """One subtitle line. `language` is the language whisper detected for the window the
+    line came from, for a job that asked for `auto` (None: the job's own language); it
+    decides whether the line is Chinese text to convert to the job's script."""
+
     start_ms: int
     end_ms: int
     text: str
+    language: str | None = None
 
 
-def decode_segments(raw: Iterable[tuple[int, int, bytes]]) -> list[Segment]:
+def decode_segments(
+    raw: Iterable[tuple[int, int, bytes]], language: str | None = None
+) -> list[Segment]:
     """Decode whisper's per-segment UTF-8 bytes as ONE stream.
 
     whisper.cpp cuts segments on token boundaries, and a token can end in the middle of a
@@ -26,11 +33,10 @@ def decode_segments(raw: Iterable[tuple[int, int, bytes]]) -> list[Segment]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
     for start_ms, end_ms, data in raw:
-        out.append(Segment(start_ms, end_ms, decoder.decode(data)))
+        out.append(Segment(start_ms, end_ms, decoder.decode(data), language))
     tail = decoder.decode(b"", final=True)
     if tail and out:
-        last = out[-1]
-        out[-1] = Segment(last.start_ms, last.end_ms, last.text + tail)
+        out[-1] = replace(out[-1], text=out[-1].text + tail)
     return out
 
 
@@ -68,10 +74,9 @@ def clean_segments(segments: Iterable[Segment], duration_ms: int | None = None) 
             and _norm(cleaned[-1].text) == _norm(text)
             and start - cleaned[-1].end_ms <= _REPEAT_GAP_MS
         ):
-            prev = cleaned[-1]
-            cleaned[-1] = Segment(prev.start_ms, max(prev.end_ms, end), prev.text)
+            cleaned[-1] = replace(cleaned[-1], end_ms=max(cleaned[-1].end_ms, end))
             continue
-        cleaned.append(Segment(start, end, text))
+        cleaned.append(replace(seg, start_ms=start, end_ms=end, text=text))
     return cleaned
 
 

@@ -271,7 +271,7 @@ class WhisperCpp:
                 break
             audio = buffers.read(pcm, window.start_sample, window.end_sample)
             found = self._transcribe_window(
-                audio, window, language, number > 0, total_ms, on_progress, abort,
+                audio, window, language, number, total_ms, on_progress, abort,
                 prompt="" if number else prompt,
             )  # fmt: skip
             segments += to_talk_time(found, window)
@@ -322,20 +322,23 @@ class WhisperCpp:
         audio: Any,
         window: Window,
         language: str,
-        carry_context: bool,
+        number: int,
         total_ms: int,
         on_progress: Callable[[float], None],
         should_abort: Callable[[], bool],
         prompt: str = "",
     ) -> list[Segment]:
-        """One whisper.cpp run over one window's samples (`audio`, float32).
+        """One whisper.cpp run over one window's samples (`audio`, float32), the `number`th
+        of the talk. With `auto`, the segments carry the language whisper detected for the
+        window (from its first 30 s), which decides whether they are converted as Chinese.
 
-        `carry_context` keeps the decoder's past tokens from the previous run (whisper.cpp
-        holds them on its state; `no_context` clears them). They include the timestamp
-        tokens, which keep whisper cutting lines as it does inside one run: measured on a
-        looped speech sample with 30 s windows, a text-only prompt (`initial_prompt`) gave
-        25-second lines, the carried tokens the same lines as one whole-file run. `prompt`
-        is whisper's `initial_prompt`: text it continues (script, punctuation, names)."""
+        Every window after the first keeps the decoder's past tokens from the previous
+        run (whisper.cpp holds them on its state; `no_context` clears them). They include
+        the timestamp tokens, which keep whisper cutting lines as it does inside one run:
+        measured on a looped speech sample with 30 s windows, a text-only prompt
+        (`initial_prompt`) gave 25-second lines, the carried tokens the same lines as one
+        whole-file run. `prompt` is whisper's `initial_prompt`: text it continues (script,
+        punctuation, names)."""
         import _pywhispercpp as pw
 
         def on_segment(segment: Any) -> None:
@@ -350,7 +353,7 @@ class WhisperCpp:
                 abort_callback=should_abort,
                 language=language,
                 n_threads=self._threads,
-                no_context=not carry_context,
+                no_context=number == 0,
                 initial_prompt=prompt,
                 **self.decoding.params(),
             )
@@ -368,7 +371,15 @@ class WhisperCpp:
             )
             for i in range(count)
         )
-        return decode_segments(raw)
+        detected = None
+        if language == "auto":
+            detected = pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
+            log.info(
+                "window language detected",
+                extra={"action": "window_language_detected", "window": number,
+                       "start_ms": window.start_ms, "language": detected},
+            )  # fmt: skip
+        return decode_segments(raw, detected)
 
 
 class WindowBuffers:

@@ -20,7 +20,7 @@ exact integer arithmetic.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jobrunner.subtitles import Segment
 
@@ -147,5 +147,5 @@ def to_talk_time(segments: Iterable[Segment], window: Window) -> list[Segment]:
     for seg in segments:
         start = min(window.start_ms + max(0, seg.start_ms), window.end_ms)
         end = min(window.start_ms + max(0, seg.end_ms), window.end_ms)
-        placed.append(Segment(start, max(start, end), seg.text))
+        placed.append(replace(seg, start_ms=start, end_ms=max(start, end)))
     return placed

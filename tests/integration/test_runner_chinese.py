@@ -83,6 +83,28 @@ def test_same_mandarin_audio_in_traditional_and_simplified(
     assert hans.event("whisper_decoding")["prompt_chars"] == len(DEFAULT_PROMPTS["zh"])
 
 
+@pytest.mark.skipif(not (MODELS / "ggml-base.bin").exists(), reason="no multilingual model")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_auto_job_whose_speech_is_chinese_is_written_in_the_deployment_script(
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, media_dir: Path
+) -> None:
+    """`auto` cannot know the language before the run, but whisper detects it per window:
+    a window detected as Chinese is converted to CHINESE_SCRIPT like a `zh` job's. The base
+    model writes this Mandarin in Simplified characters (with or without a prompt), so
+    Traditional rows show the conversion happened."""
+    source = make_mandarin_speech(media_dir, SENTENCES)
+    runner_env["WHISPER_MODEL"] = str(MODELS / "ggml-base.bin")
+    runner_env["CHINESE_SCRIPT"] = "traditional"
+
+    _, result, rows = _transcribe(queue, runner_env, dav, source, "auto")
+
+    han, simplified = han_share_changed("".join(rows), Script.TRADITIONAL)
+    assert han >= 5, rows
+    assert simplified == 0, f"Simplified characters in an auto job's rows: {rows}"
+    assert result.event("window_language_detected")["language"] == "zh"
+    assert result.event("run_started")["script"] == "traditional"
+
+
 def test_bad_language_tag_and_prompt_fail_permanently(
     queue: Queue, runner_env: dict[str, str], media_dir: Path
 ) -> None:

@@ -63,7 +63,7 @@ def test_conversion_table(script: Script, text: str, expected: str) -> None:
 
 def test_segments_keep_their_times_and_rows_match_the_webvtt() -> None:
     segments = [Segment(0, 1500, "今天我们学习佛经。"), Segment(1500, 4000, "请大家认真听讲。")]
-    converted = convert_segments(segments, Script.TAIWAN)
+    converted = convert_segments(segments, Script.TAIWAN, "zh")
     assert converted == [
         Segment(0, 1500, "今天我們學習佛經。"),
         Segment(1500, 4000, "請大家認真聽講。"),
@@ -126,7 +126,26 @@ def test_script_applies_to_chinese_only() -> None:
     assert JobLanguage("zh").script_for(Script.TAIWAN) is Script.TAIWAN
     assert JobLanguage("zh", Script.SIMPLIFIED).script_for(Script.TAIWAN) is Script.SIMPLIFIED
     assert JobLanguage("en").script_for(Script.TRADITIONAL) is Script.AS_WRITTEN
-    assert JobLanguage("auto").script_for(Script.TRADITIONAL) is Script.AS_WRITTEN
+    # auto: the script the windows detected as Chinese are written in
+    assert JobLanguage("auto").script_for(Script.TRADITIONAL) is Script.TRADITIONAL
+
+
+def test_only_segments_whose_language_is_chinese_are_converted() -> None:
+    """A segment's own language (what whisper detected for an `auto` job's window) wins
+    over the job's: Japanese kanji and English stay as written in an `auto` talk."""
+    segments = [
+        Segment(0, 1000, "这个问题", language="zh"),
+        Segment(1000, 2000, "学習する", language="ja"),
+        Segment(2000, 3000, "The heart sutra", language="en"),
+        Segment(3000, 4000, "请大家", language="yue"),
+    ]
+    assert [s.text for s in convert_segments(segments, Script.TRADITIONAL, "auto")] == [
+        "這個問題", "学習する", "The heart sutra", "請大家",
+    ]  # fmt: skip
+    undetected = [Segment(0, 1000, "这个问题")]  # a zh job's: the job's language decides
+    assert convert_segments(undetected, Script.TRADITIONAL, "zh")[0].text == "這個問題"
+    assert convert_segments(undetected, Script.TRADITIONAL, "auto")[0].text == "这个问题"
+    assert convert_segments(undetected, Script.TRADITIONAL, "en")[0].text == "这个问题"
 
 
 def test_prompt_bounds() -> None:

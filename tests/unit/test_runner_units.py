@@ -145,6 +145,10 @@ def test_utf8_split_across_segments_survives() -> None:
     segments = decode_segments(raw)
     assert "".join(s.text for s in segments) == "诸行无常，是生灭法。"
     assert all("\ufffd" not in s.text for s in segments)
+    assert {s.language for s in segments} == {None}
+    # A dangling tail joins the last segment, which keeps the window's detected language.
+    detected = decode_segments([(0, 1000, text[:4]), (1000, 2000, text[4:-1])], "zh")
+    assert detected[-1].text.endswith("\ufffd") and {s.language for s in detected} == {"zh"}
 
 
 def test_clean_collapses_repeats_and_drops_blanks() -> None:
@@ -153,13 +157,13 @@ def test_clean_collapses_repeats_and_drops_blanks() -> None:
         Segment(1000, 2000, "hello"),
         Segment(2000, 3000, "HELLO "),
         Segment(3000, 4000, "   "),
-        Segment(4000, 5000, "world"),
+        Segment(4000, 5000, "world", language="en"),
         Segment(5000, 9999, "hello"),
     ]
     cleaned = clean_segments(segments, duration_ms=9000)
     assert cleaned == [
         Segment(0, 3000, "Hello"),
-        Segment(4000, 5000, "world"),
+        Segment(4000, 5000, "world", language="en"),  # a detected language is kept
         Segment(5000, 9000, "hello"),
     ]
 

@@ -113,12 +113,12 @@ def test_to_talk_time_moves_segments_exactly_and_clamps_to_the_window() -> None:
     segments = [
         Segment(0, 2_500, "first"),
         Segment(29_990, 31_000, "rounded past the cut"),
-        Segment(31_000, 32_000, "after the cut"),
+        Segment(31_000, 32_000, "after the cut", language="zh"),
     ]
     assert to_talk_time(segments, window) == [
         Segment(1_234_500, 1_237_000, "first"),
         Segment(1_264_490, 1_264_500, "rounded past the cut"),
-        Segment(1_264_500, 1_264_500, "after the cut"),
+        Segment(1_264_500, 1_264_500, "after the cut", language="zh"),  # detected: kept
     ]
     assert (window.start_ms, window.end_ms) == (1_234_500, 1_264_500)
     assert (window.start_sample, window.end_sample) == (12_345 * 1600, 12_645 * 1600)
