@@ -8,7 +8,8 @@ Per case and variant it prints:
 
 - `RTF`: transcription wall seconds / audio seconds;
 - `CPU s`: this process's user+sys during the transcription (whisper's threads included);
-- `segs`: segments whisper returned;
+- `segs`: segments whisper returned, and `kept` what of them the runner's cleaning
+  (`clean_segments`: bracketed notes, loops) leaves for the subtitle rows;
 - `x clean`: the case's median RTF over the clean-speech median RTF of the same variant in
   the same pass (`--repeat N` interleaved rounds); the target is every case <= 3;
 - the start of the text.
@@ -40,6 +41,7 @@ from typing import Any
 from bench.accuracy import markdown_table, whisper_arguments
 from devtools.hardaudio import BY_NAME, CASES, make_case, to_pcm
 from jobrunner.settings import DEFAULT_PROMPTS
+from jobrunner.subtitles import clean_segments
 from jobrunner.transcribe import BOUNDED, WHISPER_DEFAULTS, Decoding, WhisperCpp
 
 CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
@@ -55,6 +57,13 @@ VARIANTS: dict[str, Decoding] = {
     "best_of-1-inc-0.4": Decoding(best_of=1, temperature_inc=0.4),
     "suppress-nst": Decoding(suppress_nst=True),
     "max-tokens-64": Decoding(max_tokens=64),
+    # whisper.cpp drops a frame as "no speech" when no_speech_prob > no_speech_thold and the
+    # average log-probability < logprob_thold: looser thresholds, against the hallucinations.
+    "no-speech-0.2": Decoding(temperature_inc=0.0, no_speech_thold=0.2),
+    "logprob-0.5": Decoding(temperature_inc=0.0, logprob_thold=-0.5),
+    "no-speech-0.2-logprob-0.5": Decoding(
+        temperature_inc=0.0, no_speech_thold=0.2, logprob_thold=-0.5
+    ),
 }
 
 
@@ -99,6 +108,8 @@ def transcribe_once(model: WhisperCpp, pcm: Path, language: str, cap: float) -> 
         "segments": len(segments),
         "capped": wall > cap,
         "text": " ".join(s.text.strip() for s in segments),
+        # what would become subtitle rows: after the runner's own cleaning
+        "kept": " | ".join(s.text for s in clean_segments(segments)),
     }
 
 
@@ -149,6 +160,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "capped": any(r["capped"] for r in runs),
             "load": f"{min(r['load'] for r in runs):.1f}-{max(r['load'] for r in runs):.1f}",
             "text": runs[0]["text"],
+            "kept": runs[0]["kept"],
         })  # fmt: skip
     clean = {(r["busy"], r["variant"]): r["rtf"] for r in out if r["case"] == "clean_speech"}
     for row in out:
@@ -159,12 +171,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]], cap: float) -> str:
     header = ["case", "lang", "audio s", "busy", "variant", "wall s", "RTF", "CPU s", "segs",
-              "x clean", "load", "text (start)"]  # fmt: skip
+              "x clean", "load", "text (start)", "kept (start)"]  # fmt: skip
     return markdown_table(header, [
         (r["case"], r["language"], r["audio_s"], r["busy"], r["variant"],
          f">{cap:g}" if r["capped"] else r["wall_s"], r["rtf"], r["cpu_s"], r["segments"],
          "" if r["x_clean"] is None else r["x_clean"], r["load"],
-         r["text"][:30].replace("|", "/"))
+         r["text"][:30].replace("|", "/"), r["kept"][:30].replace("|", "/") or "(none)")
         for r in rows
     ])  # fmt: skip
 

@@ -44,8 +44,12 @@ def decode_segments(
 #: chant after a pause), not whisper looping on silence, whose repeats are back to back.
 _REPEAT_GAP_MS = 1000
 
-#: whisper.cpp's own non-speech markers, e.g. "[BLANK_AUDIO]": not words anyone said.
-_MARKER = re.compile(r"(\[[A-Z_ ]+\]\s*)+")
+#: A bracketed note: whisper.cpp's own markers ("[BLANK_AUDIO]"), and the sound captions and
+#: credits whisper learned from subtitles and writes over music, noise and bells ("[Music]",
+#: "(字幕:郑)", "♪"; Chinese ones also in full-width parentheses, U+FF08/U+FF09, and in
+#: 【】). A line made only of notes is not words anyone said.
+_NOTE = r"\[[^\[\]]*\]|\([^()]*\)|\uff08[^\uff08\uff09]*\uff09|【[^【】]*】|[♪♫]"
+_NOT_SPEECH = re.compile(rf"(?:\s*(?:{_NOTE}))+\s*")
 
 
 def _norm(text: str) -> str:
@@ -58,12 +62,13 @@ def clean_segments(segments: Iterable[Segment], duration_ms: int | None = None) 
     Whisper is known to hallucinate the same line over and over on silence or music; a run
     of identical consecutive lines becomes one segment spanning the whole run — but only while
     they follow each other without a gap (`_REPEAT_GAP_MS`). A segment that is only
-    whisper.cpp's non-speech marker ("[BLANK_AUDIO]") is dropped: it is not a caption.
+    bracketed notes (whisper.cpp's "[BLANK_AUDIO]", sound captions such as "(字幕:郑)" or
+    "[Music]") is dropped: it is not a caption of speech.
     """
     cleaned: list[Segment] = []
     for seg in segments:
         text = " ".join(seg.text.split())
-        if not text or _MARKER.fullmatch(text):
+        if not text or _NOT_SPEECH.fullmatch(text):
             continue
         start = max(0, seg.start_ms)
         end = max(start, seg.end_ms)

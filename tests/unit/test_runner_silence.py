@@ -54,6 +54,25 @@ def test_blank_audio_markers_are_not_captions() -> None:
     assert clean_segments(segments) == [Segment(12_000, 13_000, "[laughs] said softly")]
 
 
+def test_lines_that_are_only_a_bracketed_note_are_not_captions() -> None:
+    """whisper learned sound captions and credits from subtitles and writes them over
+    music, noise and bells (the hard-audio corpus: "(字幕:郑)" on bells, "(设计)" on chords,
+    "(发声)" on pink noise): a line that is nothing but such notes is not speech. A note
+    inside spoken text, and brackets that are part of what was said, stay."""
+    notes = [
+        "(字幕:郑)", "(设计)", "（音乐）", "【字幕】", "[Music]", "(upbeat music)",
+        "♪", "♪♪ ♫", "(笑声) [掌声]", " ( Applause ) ",
+    ]  # fmt: skip
+    spoken = [
+        "今天（上午）我们讲《金刚经》。",
+        "(1) the first precept",
+        "[laughs] said softly",
+        "The sutra says (in Pali) sabbe satta",
+    ]
+    segments = [Segment(i * 1000, i * 1000 + 900, t) for i, t in enumerate(notes + spoken)]
+    assert [s.text for s in clean_segments(segments)] == spoken
+
+
 def test_repeats_are_collapsed_only_when_back_to_back() -> None:
     line = "Ask not what your country can do for you"
     segments = [
