@@ -20,6 +20,25 @@ MODELS = SHARED / "models"
 
 _FF = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
 
+#: Where generated media that take long to make (hour-long talks) are kept between runs.
+MEDIA_CACHE = (
+    Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "media"
+)
+
+
+def _ffmpeg_to(path: Path, args: list[str]) -> Path:
+    """Run FFmpeg with `args` writing `path`, through a temporary name renamed at the end:
+    the generators reuse an existing file, so a run that fails or is killed half-way must
+    not leave one behind under the final name (and two processes making the same file at
+    once each write their own)."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        subprocess.run([*_FF, *args, str(partial)], check=True, capture_output=True)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
 
 def _video_src(seconds: float, size: str = "320x240", rate: int = 25) -> list[str]:
     return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
@@ -168,9 +187,7 @@ def make_media(kind: str, directory: Path) -> Path:
     else:
         name, args = RECIPES[kind]
     path = directory / name
-    if not path.exists():
-        subprocess.run([*_FF, *args, str(path)], check=True, capture_output=True)
-    return path
+    return path if path.exists() else _ffmpeg_to(path, args)
 
 
 def make_long_talk(directory: Path, seconds: int, size: str, vcodec: str) -> Path:
@@ -181,13 +198,11 @@ def make_long_talk(directory: Path, seconds: int, size: str, vcodec: str) -> Pat
         "h264": (".mp4", ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
                           "-b:v", "1500k", "-c:a", "aac"]),
     }[vcodec]  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"talk-{seconds}s-{size}-{vcodec}{ext}"
     if not path.exists():
-        subprocess.run(
-            [*_FF, *_video_src(seconds, size=size, rate=30), "-stream_loop", "-1", "-i", str(JFK),
-             *codec, "-t", str(seconds), str(path)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        _ffmpeg_to(path, [*_video_src(seconds, size=size, rate=30), "-stream_loop", "-1",
+                          "-i", str(JFK), *codec, "-t", str(seconds)])  # fmt: skip
     return path
 
 
@@ -196,21 +211,19 @@ def make_spoken_talk(directory: Path, seconds: int, period: float = 12.5) -> Pat
     `seconds`: the speech sample (11 s) then silence, every `period` seconds. The default
     is dense speech with a pause after each sentence; a long period makes a sparse talk
     (mostly silence, which whisper is never given)."""
-    unit = directory / f"unit-{period:g}s.wav"
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"spoken-{seconds}s-every-{period:g}s.mp3"
-    if not path.exists():
-        subprocess.run(
-            [*_FF, *_speech(), "-af", "apad", "-t", f"{period:g}", "-ar", "48000", "-ac", "2",
-             str(unit)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        subprocess.run(
-            [*_FF, "-stream_loop", "-1", "-i", str(unit), "-t", str(seconds), "-c:a",
-             "libmp3lame", "-b:a", "128k", str(path)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+    if path.exists():
+        return path
+    unit = _ffmpeg_to(
+        directory / f"unit-{period:g}s.wav",
+        [*_speech(), "-af", "apad", "-t", f"{period:g}", "-ar", "48000", "-ac", "2"],
+    )
+    try:
+        return _ffmpeg_to(path, ["-stream_loop", "-1", "-i", str(unit), "-t", str(seconds),
+                                 "-c:a", "libmp3lame", "-b:a", "128k"])  # fmt: skip
+    finally:
         unit.unlink()
-    return path
 
 
 #: Mandarin sentences spoken by espeak-ng, in Simplified script. Chosen so that many of

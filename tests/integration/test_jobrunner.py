@@ -391,12 +391,12 @@ def test_unreachable_database_is_temporary(runner_env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("delay", [0.0, 0.5, 2.0])  # audio extraction, model load, encoding
 def test_sigterm_stops_cleanly_and_removes_scratch(
-    queue: Queue, runner_env: dict[str, str], scratch: Path, tmp_path: Path, delay: float
+    queue: Queue, runner_env: dict[str, str], scratch: Path, delay: float
 ) -> None:
     """SIGTERM in any phase is temporary (never blamed on the media) and cleans up."""
-    from devtools.media import make_long_talk
+    from devtools.media import MEDIA_CACHE, make_long_talk
 
-    source = make_long_talk(tmp_path, 40, "640x360", "vp9")
+    source = make_long_talk(MEDIA_CACHE, 40, "640x360", "vp9")
     job = queue.job(source)
     runner_env["X264_PRESET"] = "medium"
     proc = start_jobrunner(runner_env, job.job_id, job.attempt)
@@ -444,8 +444,7 @@ def test_real_multilingual_model_with_job_language(
 
 @pytest.mark.parametrize("how", ["sigterm", "cancel"])
 def test_stop_during_upload_ends_within_seconds_without_draining_the_queue(
-    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path,
-    tmp_path: Path, how: str,
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path, how: str,
 ) -> None:  # fmt: skip
     """40 one-second HLS segments, two upload workers, every segment PUT stalled 6 s by
     the server: uploading takes about two minutes. A SIGTERM or a cancellation (the row's
@@ -453,9 +452,9 @@ def test_stop_during_upload_ends_within_seconds_without_draining_the_queue(
     within seconds: no further uploads start (the pool used to drain its whole queue after
     a cancellation), the two in flight are abandoned rather than waited for (the process
     used to wait for them at exit), and the playlist is never uploaded."""
-    from devtools.media import make_long_talk
+    from devtools.media import MEDIA_CACHE, make_long_talk
 
-    job = queue.job(make_long_talk(tmp_path, 40, "320x240", "vp9"))
+    job = queue.job(make_long_talk(MEDIA_CACHE, 40, "320x240", "vp9"))
     runner_env.update(HLS_SHARD_SECONDS="1", UPLOAD_CONCURRENCY="2")
     dav.faults.clear()
     dav.faults.stall(1000, 6.0, method="PUT", path=".ts")

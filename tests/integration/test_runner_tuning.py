@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from devtools.log_actions import check_action, lines_with_action, read_until_action
-from devtools.media import make_long_talk
+from devtools.media import MEDIA_CACHE, make_long_talk
 from devtools.services import WebDAVServer
 from dharma_common.contract import ExitCode
 from tests.conftest import Queue
@@ -77,11 +77,11 @@ def test_stream_copy_still_runs_beside_whisper(queue: Queue, runner_env: dict[st
 
 
 def test_cancelled_while_encoding_stops_before_transcribing(
-    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path, tmp_path: Path
+    queue: Queue, runner_env: dict[str, str], dav: WebDAVServer, scratch: Path
 ) -> None:
     """With the encode no longer beside whisper, no progress is written while it runs; the
     runner checks its fence between waits instead, and a cancelled job stops there."""
-    job = queue.job(make_long_talk(tmp_path, 40, "640x360", "vp9"))
+    job = queue.job(make_long_talk(MEDIA_CACHE, 40, "640x360", "vp9"))
     runner_env["X264_PRESET"] = "medium"  # a long encode to cancel in the middle of
     dav.faults.clear()
     proc = start_jobrunner(runner_env, job.job_id, job.attempt)

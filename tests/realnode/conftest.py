@@ -85,6 +85,18 @@ class RealSetup:
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.kube.kubectl("-n", self.namespace, *args, check=check)
 
+    def state_of(self, job_name: str) -> str:
+        """What a failed wait needs to say: the Job's conditions, each pod's phase and
+        container state, and the runner's last log lines."""
+        job = self.job(job_name)
+        lines = [f"job {job_name}: {job['status'] if job else 'absent'}"]
+        for pod in self.pods(job_name):
+            status = pod["status"]
+            states = [c.get("state") for c in status.get("containerStatuses", [])]
+            lines.append(f"pod {pod['metadata']['name']}: {status.get('phase')} {states}")
+        logs = self.kubectl("logs", f"job/{job_name}", "--tail=5", check=False)
+        return "\n".join([*lines, logs.stdout.strip() or logs.stderr.strip()])
+
 
 def pod_services_env(node: RealNode, db: Database, dav: WebDAVServer) -> dict[str, str]:
     """DB_* and WEBDAV_* as a pod on the real node must use them (the node's host address,

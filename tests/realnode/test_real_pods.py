@@ -26,7 +26,7 @@ import yaml
 from kubernetes import watch
 
 from devtools.controller_helpers import ControllerProcess, eventually
-from devtools.media import make_spoken_talk
+from devtools.media import MEDIA_CACHE, make_spoken_talk
 from devtools.services import Database, WebDAVServer
 from tests.conftest import Queue, RunnerLogin
 from tests.deploy.chart import CHART, helm
@@ -426,14 +426,18 @@ def test_long_talk_fits_a_small_memory_limit(
     the attempt is not retried with more memory. The talk is sparse (the sample every
     three minutes, silence between) so whisper's share of CI time stays small; memory is
     flat in dense speech as well (bench/longtalk.py, docs/performance.md)."""
-    source = make_spoken_talk(queue.media_dir, 3600, period=180)
+    source = make_spoken_talk(MEDIA_CACHE, 3600, period=180)  # ~1 min to make: kept
     media_id = queue.add_media(source)
     job_id = queue.enqueue(media_id, language="en")
     start_controller({
         **real_setup.env, "RUNNER_MEMORY_LIMIT": "512Mi", "RUNNER_MEMORY_LIMIT_MAX": "512Mi",
         "RUNNER_SCRATCH_SIZE": "2Gi", "JOB_DEADLINE_SECONDS": "900",
     })  # fmt: skip
-    done = eventually(lambda: finished(queue, job_id), "the long talk to finish", timeout=600)
+    try:
+        done = eventually(lambda: finished(queue, job_id), "the long talk to finish", timeout=600)
+    except AssertionError as exc:
+        state = real_setup.state_of(real_setup.runner_name(job_id))
+        raise AssertionError(f"{exc}\nrow: {row(queue, job_id)}\n{state}") from None
     assert (done["status"], done["attempts"]) == ("completed", 1), done
     (pod,) = real_setup.pods(done["runner_name"])
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "512Mi"
