@@ -45,11 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.cache import CACHE
+
 HERE = Path(__file__).resolve()
 REPO_ROOT = HERE.parents[1]
 IMAGES = REPO_ROOT / "scripts" / "images"
 IMAGE = "dharma-stream/jobrunner:dev-nomodel"
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream"))
 SHARED = Path(os.environ.get("DHARMA_SHARED", REPO_ROOT.parent / "shared"))
 
 

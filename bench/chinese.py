@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import time
@@ -30,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy import markdown_table, whisper_arguments
+from devtools.cache import BENCH_CACHE
 from devtools.media import MANDARIN_SENTENCES, make_mandarin_speech
 from jobrunner.script import Script, converter, han_share_changed
 from jobrunner.settings import DEFAULT_PROMPTS
-
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 
 #: name -> prompt. The default is the runner's (jobrunner/settings.py DEFAULT_PROMPTS).
 VARIANTS = {
@@ -86,8 +84,8 @@ def measure(text: str, reference: str) -> dict[str, Any]:
 def run(model_path: Path, threads: int, repeat: int, names: list[str]) -> list[dict[str, Any]]:
     from jobrunner.transcribe import WhisperCpp
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wav = make_mandarin_speech(CACHE)
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    wav = make_mandarin_speech(BENCH_CACHE)
     pcm = wav.with_suffix(".pcm")
     subprocess.run(
         ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), "-f", "s16le",

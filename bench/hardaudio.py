@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy import markdown_table, whisper_arguments
+from devtools.cache import BENCH_CACHE
 from devtools.hardaudio import BY_NAME, CASES, make_case, to_pcm
 from jobrunner.settings import DEFAULT_PROMPTS
 from jobrunner.subtitles import clean_segments
 from jobrunner.transcribe import BOUNDED, WHISPER_DEFAULTS, Decoding, WhisperCpp
-
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 
 #: "before" is whisper.cpp's defaults (the runner until issue 12), "after" the runner's
 #: choice; the others are the candidates that were measured to choose it.
@@ -118,10 +117,10 @@ def run_pass(
 ) -> list[dict[str, Any]]:
     """Every case with every variant, interleaved, `opts.repeat` rounds, with `busy`
     competing processes."""
-    CACHE.mkdir(parents=True, exist_ok=True)
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
     pcms = {}
     for name in cases:
-        wav = make_case(name, CACHE / "hardaudio")
+        wav = make_case(name, BENCH_CACHE / "hardaudio")
         pcms[name] = (wav.with_suffix(".pcm"), to_pcm(wav, wav.with_suffix(".pcm")))
     rows: list[dict[str, Any]] = []
     with _Busy(busy):

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from bench.harness import RssSampler
 from bench.runs import RunnerServices, claimed_attempt, runner_command, runner_services
+from devtools.cache import BENCH_CACHE
 from devtools.log_actions import lines_with_action
 from devtools.media import MODELS, make_spoken_talk
 from jobrunner.settings import RunnerSettings
 
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 MIB = 2**20
 
 
@@ -92,13 +92,13 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _make_talks(lengths: list[int]) -> dict[int, Path]:
-    """The generated talks by length (cached in CACHE), made before any service starts so
+    """The generated talks by length (cached in BENCH_CACHE), made before any service starts so
     that their generation is not measured."""
-    CACHE.mkdir(parents=True, exist_ok=True)
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
     talks = {}
     for seconds in lengths:
         start = time.perf_counter()
-        talks[seconds] = make_spoken_talk(CACHE, seconds)
+        talks[seconds] = make_spoken_talk(BENCH_CACHE, seconds)
         print(f"input {talks[seconds].name} ready ({time.perf_counter() - start:.1f} s)",
               flush=True)  # fmt: skip
     return talks

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.runs import claimed_attempt, runner_command, runner_services
+from devtools.cache import BENCH_CACHE
 from devtools.media import MODELS, WEIGHTLESS_MODEL, make_long_talk
 
 #: The limit ratio's target (issue 12, item 4).
 LIMIT_TARGET = 1.1
-
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 
 
 @dataclass
@@ -124,13 +123,13 @@ def main() -> int:
     parser.add_argument("--only", choices=["vp9", "h264"], default=None)
     args = parser.parse_args()
 
-    CACHE.mkdir(parents=True, exist_ok=True)
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
     print(f"model {args.model.name}, {args.threads} threads, {os.cpu_count()} CPUs", flush=True)
     inputs = {}
     for codec in ("vp9", "h264"):
         if args.only in (None, codec):
             start = time.perf_counter()
-            inputs[codec] = make_long_talk(CACHE, args.seconds, "1280x720", codec)
+            inputs[codec] = make_long_talk(BENCH_CACHE, args.seconds, "1280x720", codec)
             print(f"input {inputs[codec].name} ready ({time.perf_counter() - start:.1f} s)",
                   flush=True)  # fmt: skip
 

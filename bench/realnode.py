@@ -28,11 +28,11 @@ from typing import Any
 
 import psycopg2
 
+from devtools.cache import BENCH_CACHE
 from devtools.controller_helpers import REPO, ControllerProcess
 from devtools.media import MODELS, make_long_talk
 from devtools.services import DatabaseFactory, PostgresServer, WebDAVServer
 
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 RUNNER_IMAGE = "dharma-stream/jobrunner:dev"
 
 
@@ -121,8 +121,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    source = make_long_talk(CACHE, args.seconds, "640x360", "h264")
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    source = make_long_talk(BENCH_CACHE, args.seconds, "640x360", "h264")
     info = _node()
     pg, dav = PostgresServer(), WebDAVServer()
     pg.start()

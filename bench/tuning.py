@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.cache import BENCH_CACHE
 from devtools.media import JFK, MODELS, make_long_talk
 
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "bench"
 BASE_MODEL = MODELS / "ggml-base.bin"
 JFK_TEXT = (
     "and so my fellow americans ask not what your country can do for you"
@@ -220,8 +220,8 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 def _vp9_input(seconds: int) -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    return make_long_talk(CACHE, seconds, "1280x720", "vp9")
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    return make_long_talk(BENCH_CACHE, seconds, "1280x720", "vp9")
 
 
 def table_overlap(repeat: int, model: Path) -> None:
@@ -277,8 +277,8 @@ def table_x264(repeat: int, seconds: int, bitrate: str, presets: list[str]) -> N
 
 
 def table_whisper(repeat: int, speech_seconds: int, model: Path) -> None:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    pcm = CACHE / f"speech-{speech_seconds}s.pcm"
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    pcm = BENCH_CACHE / f"speech-{speech_seconds}s.pcm"
     if not pcm.exists():
         subprocess.run(
             [*_FF, "-stream_loop", "-1", "-i", str(JFK), "-t", str(speech_seconds),

@@ -13,6 +13,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from devtools.cache import CACHE
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 JFK = SHARED / "assets" / "jfk.wav"
 WEIGHTLESS_MODEL = SHARED / "assets" / "for-tests-ggml-tiny.bin"
@@ -21,9 +23,7 @@ MODELS = SHARED / "models"
 _FF = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
 
 #: Where generated media that take long to make (hour-long talks) are kept between runs.
-MEDIA_CACHE = (
-    Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream")) / "media"
-)
+MEDIA_CACHE = CACHE / "media"
 
 
 def _ffmpeg_to(path: Path, args: list[str]) -> Path:

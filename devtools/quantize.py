@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
-import os
 import re
 import shutil
 import subprocess
@@ -34,7 +33,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-CACHE = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream"))
+from devtools.cache import CACHE
+
 TOOL_CACHE = CACHE / "quantize"
 MODELS_OUT = CACHE / "models"
 #: The types worth measuring on CPU (docs/performance.md, "Models and quantization"): q8_0 is

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtools.cache import cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "testbed"
 #: Marks a testbed a session started, so the last session may stop it. `scripts/testbed up`
@@ -30,8 +32,7 @@ Runner = Callable[[Sequence[str]], str]
 
 def cache_root() -> Path:
     """`scripts/testbed`'s cache and state directory (its CACHE_ROOT)."""
-    base = os.environ.get("DHARMA_CACHE") or str(Path.home() / ".cache" / "dharma-stream")
-    return Path(base) / "testbed"
+    return cache_dir() / "testbed"
 
 
 def run_script(args: Sequence[str]) -> str:

@@ -101,11 +101,14 @@ class Queue:
             media_id: uuid.UUID = cur.fetchone()[0]
         return media_id
 
-    def enqueue(self, media_id: uuid.UUID, language: str | None = None) -> int:
+    def enqueue(
+        self, media_id: uuid.UUID, language: str | None = None, model: str | None = None
+    ) -> int:
         with self.conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO dharma.stt_jobs (media_id, language) VALUES (%s, %s) RETURNING id",
-                (media_id, language),
+                "INSERT INTO dharma.stt_jobs (media_id, language, model) VALUES (%s, %s, %s)"
+                " RETURNING id",
+                (media_id, language, model),
             )
             job_id: int = cur.fetchone()[0]
         return job_id

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from controller.settings import ControllerSettings
+from devtools.cache import cache_dir
 from dharma_common.settings import load_settings
 from jobrunner.settings import RunnerSettings
 
@@ -55,13 +56,11 @@ def helm_binary() -> Path:
     on_path = shutil.which("helm")
     if on_path:
         candidates.append(Path(on_path))
-    cache = Path(os.environ.get("DHARMA_CACHE", Path.home() / ".cache" / "dharma-stream"))
-    bin_dir_file = cache / "testbed" / "run" / "bin-dir"
+    testbed = cache_dir() / "testbed"
+    bin_dir_file = testbed / "run" / "bin-dir"
     if bin_dir_file.is_file():
         candidates.append(Path(bin_dir_file.read_text().strip()) / "helm")
-    built = [
-        p / "bin" / "helm" for p in (cache / "testbed").glob("k8s-*") if (p / "stamp").exists()
-    ]
+    built = [p / "bin" / "helm" for p in testbed.glob("k8s-*") if (p / "stamp").exists()]
     candidates.extend(sorted(built, key=lambda p: p.stat().st_mtime, reverse=True))
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):

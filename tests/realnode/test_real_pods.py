@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -26,7 +27,7 @@ import yaml
 from kubernetes import watch
 
 from devtools.controller_helpers import ControllerProcess, eventually
-from devtools.media import MEDIA_CACHE, make_spoken_talk
+from devtools.media import MEDIA_CACHE, MODELS, make_spoken_talk
 from devtools.services import Database, WebDAVServer
 from tests.conftest import Queue, RunnerLogin
 from tests.deploy.chart import CHART, helm
@@ -39,6 +40,9 @@ Talk = Callable[..., tuple[int, Any]]
 
 #: What jfk.wav says; the runner's transcript must contain it (real model, real pod).
 SPOKEN = "ask not what your country can do for you"
+#: The real tiny.en model (shared/models) and its checksum, for the model-volume test.
+TINY = MODELS / "ggml-tiny.en.bin"
+TINY_SHA256 = "49b35c0f0fa5e8fe48396546d4c3308e7cc3e8a50589273a99710c76fd373fdf"
 
 
 class PodRecorder:
@@ -452,3 +456,88 @@ def test_long_talk_fits_a_small_memory_limit(
     duration = queue.rows("SELECT duration_seconds FROM dharma.media_files WHERE id = %s",
                           media_id)[0][0]  # fmt: skip
     assert abs(duration - 3600) < 1
+
+
+# ------------------------------------------------------------ a model on a volume ---
+
+
+def test_a_model_on_a_persistent_volume_is_checked_and_used(
+    real_setup: RealSetup, queue: Queue, start_controller: Start, tmp_path: Path
+) -> None:
+    """RUNNER_MODELS_VOLUME naming a PersistentVolumeClaim (issue 12, item 3): the kubelet
+    mounts the claim's volume read-only at /models/volume in the restricted runner pod, the
+    runner (uid 10001) checks the catalog's checksum of the file there and transcribes with
+    it, sized by the catalog's memory; an entry whose checksum is not the file's fails its
+    job permanently with both checksums, before anything is downloaded.
+
+    The volume is a statically provisioned hostPath PersistentVolume on the node, bound by
+    kube-controller-manager's binder to the claim the operator would make: a cluster's
+    storage class would provision another kind, which the pod sees the same way."""
+    if not TINY.exists():
+        pytest.skip("no real tiny.en model present")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(TINY, models / TINY.name)
+    models.chmod(0o755)
+    (models / TINY.name).chmod(0o444)
+    core, namespace = real_setup.core, real_setup.namespace
+    volume = f"{namespace}-models"
+    core.create_persistent_volume({
+        "metadata": {"name": volume},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+            "hostPath": {"path": str(models), "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": "whisper-models"},
+        },
+    })  # fmt: skip
+    try:
+        core.create_namespaced_persistent_volume_claim(namespace, {
+            "metadata": {"name": "whisper-models"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                     "volumeName": volume, "resources": {"requests": {"storage": "1Gi"}}},
+        })  # fmt: skip
+        catalog = json.dumps({
+            "tiny.en": {"file": f"volume/{TINY.name}", "sha256": TINY_SHA256, "memory": "600Mi"},
+            "swapped": {"file": f"volume/{TINY.name}", "sha256": "0" * 64},
+        })  # fmt: skip
+        # The chart renders the catalog into both ConfigMaps: the runner's, and the
+        # controller's environment.
+        core.patch_namespaced_config_map(
+            "dharma-stream-runner", namespace, {"data": {"WHISPER_MODELS": catalog}}
+        )
+        media_id = queue.add_media("audio_wav")
+        good = queue.enqueue(media_id, language="en", model="tiny.en")
+        swapped = queue.enqueue(queue.add_media("audio_wav"), language="en", model="swapped")
+        start_controller({
+            **real_setup.env, "WHISPER_MODELS": catalog,
+            "RUNNER_MODELS_VOLUME": json.dumps(
+                {"persistentVolumeClaim": {"claimName": "whisper-models"}}),
+        })  # fmt: skip
+        done = eventually(lambda: finished(queue, good), "the tiny.en job", timeout=240)
+        failed = eventually(lambda: finished(queue, swapped), "the swapped job", timeout=120)
+    finally:
+        core.delete_persistent_volume(volume)
+
+    assert (done["status"], done["attempts"], done["error_message"]) == ("completed", 1, None)
+    assert SPOKEN in subtitles(queue, media_id).lower().replace(",", "")
+    (pod,) = real_setup.pods(done["runner_name"])
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["memory"] == "600Mi"
+    claims = [v["persistentVolumeClaim"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]  # fmt: skip
+    assert claims == [{"claimName": "whisper-models", "readOnly": True}]
+    logs = real_setup.kubectl("logs", f"job/{done['runner_name']}").stdout.splitlines()
+    verified = [json.loads(line) for line in logs if '"model_verified"' in line]
+    assert [(v["model"], v["model_path"]) for v in verified] == [
+        ("tiny.en", f"/models/volume/{TINY.name}")
+    ]
+
+    path = f"/models/volume/{TINY.name}"
+    assert (failed["status"], failed["attempts"], failed["failure_reason"]) == (
+        "failed", 1, "runner_error_permanent",
+    )  # fmt: skip
+    assert failed["error_message"] == (
+        f"model swapped: {path} has sha256 {TINY_SHA256}, the catalog says {'0' * 64} "
+        "(WHISPER_MODELS)"
+    )
