@@ -22,6 +22,46 @@ from dharma_common.settings import DatabaseSettings
 
 pytest_plugins = ["tests.controller_fixtures", "tests.testbed", "tests.images"]
 
+#: Tests that share one cluster, one image engine or one real node, or whose budgets assume
+#: they run alone: all of them run on one pytest-xdist worker, in order, while the other
+#: workers take the unit and integration tests, which each start their own PostgreSQL and
+#: WebDAV. Why: those wait on processes more than they compute (42% of the 2 CPUs idle
+#: through the integration tests run alone), the cluster tests wait on Kubernetes.
+#: By path, because the scheduler sees only node ids (xdist's `xdist_group` mark rewrites
+#: node ids, which pytest 9 no longer lets a plugin do); the hook below refuses a test that
+#: needs the cluster and is not under these paths.
+SERIAL_PATHS = (
+    "tests/e2e/", "tests/chaos/", "tests/realnode/",
+    "tests/deploy/test_chart_e2e.py", "tests/deploy/test_images.py",
+)  # fmt: skip
+_SERIAL_MARKERS = ("e2e", "realnode", "chaos")
+_SERIAL_FIXTURES = {"kube", "docker", "real_node"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        needs = fixtures & _SERIAL_FIXTURES or any(
+            item.get_closest_marker(m) for m in _SERIAL_MARKERS
+        )
+        if needs and not item.nodeid.startswith(SERIAL_PATHS):
+            raise pytest.UsageError(
+                f"{item.nodeid} needs the cluster, the images or the real node: put it under"
+                f" one of tests/conftest.py SERIAL_PATHS, which run on one worker in order"
+            )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduling with every SERIAL_PATHS test in one scope, each other test
+    in a scope of its own."""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class SerialPathsScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "serial" if nodeid.startswith(SERIAL_PATHS) else nodeid
+
+    return SerialPathsScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
