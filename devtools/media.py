@@ -19,6 +19,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 JFK = SHARED / "assets" / "jfk.wav"
 WEIGHTLESS_MODEL = SHARED / "assets" / "for-tests-ggml-tiny.bin"
 MODELS = SHARED / "models"
+#: The real English tiny model of shared/models, and its SHA-256 (shared/models/README.md).
+TINY_EN = MODELS / "ggml-tiny.en.bin"
+TINY_EN_SHA256 = "49b35c0f0fa5e8fe48396546d4c3308e7cc3e8a50589273a99710c76fd373fdf"
 
 _FF = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
 

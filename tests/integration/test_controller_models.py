@@ -18,31 +18,29 @@ from pathlib import Path
 import pytest
 
 from devtools.controller_helpers import ControllerProcess
-from devtools.media import MODELS
+from devtools.media import TINY_EN, TINY_EN_SHA256
 from tests.conftest import Queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 Start = Callable[..., ControllerProcess]
-TINY = MODELS / "ggml-tiny.en.bin"
-TINY_SHA256 = "49b35c0f0fa5e8fe48396546d4c3308e7cc3e8a50589273a99710c76fd373fdf"
 #: Not tiny.en's: the checksum of the image's official base model.
 OTHER_SHA256 = "60ed5bc3dd14eea856493d334349b405782ddcaf0028d4b5df4088345fba2efe"
-needs_tiny = pytest.mark.skipif(not TINY.exists(), reason="no real tiny.en model present")
+needs_tiny = pytest.mark.skipif(not TINY_EN.exists(), reason="no real tiny.en model present")
 
 
 def models_env(
-    controller_env: dict[str, str], models: Path, sha256: str = TINY_SHA256
+    controller_env: dict[str, str], models: Path, sha256: str = TINY_EN_SHA256
 ) -> dict[str, str]:
     """The controller's (and so its runners') environment with a catalog of one real model
     below `models`; WHISPER_MODEL (a job without a model) stays the weightless test model."""
     models.mkdir(exist_ok=True)
     (models / "volume").mkdir(exist_ok=True)
-    link = models / "volume" / TINY.name
+    link = models / "volume" / TINY_EN.name
     if not link.exists():
-        link.symlink_to(TINY)
+        link.symlink_to(TINY_EN)
     catalog = {
-        "tiny.en": {"file": f"volume/{TINY.name}", "sha256": sha256, "memory": "900Mi"},
+        "tiny.en": {"file": f"volume/{TINY_EN.name}", "sha256": sha256, "memory": "900Mi"},
         "base": {"file": "ggml-base.bin", "sha256": OTHER_SHA256},
     }
     return {**controller_env, "WHISPER_MODELS": json.dumps(catalog),
@@ -92,7 +90,7 @@ def test_a_job_on_a_catalog_model_runs_on_its_checked_file(
     assert started["memory_limit_bytes"] == 900 * 2**20
     [verified] = controller.events("model_verified", job_id=job_id)
     assert verified["model"] == "tiny.en"
-    assert verified["model_path"] == str(tmp_path / "models" / "volume" / TINY.name)
+    assert verified["model_path"] == str(tmp_path / "models" / "volume" / TINY_EN.name)
 
 
 @needs_tiny
@@ -101,10 +99,10 @@ def test_a_model_file_with_another_checksum_fails_permanently(
 ) -> None:
     env = models_env(controller_env, tmp_path / "models", sha256=OTHER_SHA256)
     job_id, _ = run_one(queue, start_controller, env, "tiny.en", 120)
-    path = tmp_path / "models" / "volume" / TINY.name
+    path = tmp_path / "models" / "volume" / TINY_EN.name
     assert outcome(queue, job_id) == (
         "failed", 1, "runner_error_permanent",
-        f"model tiny.en: {path} has sha256 {TINY_SHA256}, the catalog says {OTHER_SHA256} "
+        f"model tiny.en: {path} has sha256 {TINY_EN_SHA256}, the catalog says {OTHER_SHA256} "
         "(WHISPER_MODELS)",
     )  # fmt: skip
     assert not queue.rows("SELECT 1 FROM dharma.subtitles s JOIN dharma.stt_jobs j"

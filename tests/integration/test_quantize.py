@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from bench.accuracy import JFK_TEXT, score, to_pcm
-from devtools.media import JFK, MODELS, WEIGHTLESS_MODEL
+from devtools.media import JFK, TINY_EN, WEIGHTLESS_MODEL
 from devtools.quantize import QuantizeError, build_tool, quantize, sha256
 from jobrunner.transcribe import FLASH_ATTENTION, WhisperCpp
 
 pytestmark = pytest.mark.integration
-TINY = MODELS / "ggml-tiny.en.bin"
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +28,12 @@ def tool() -> Path:
         pytest.skip(f"whisper.cpp's quantize tool could not be built: {exc}")
 
 
-@pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} is not present")
+@pytest.mark.skipif(not TINY_EN.is_file(), reason=f"{TINY_EN} is not present")
 def test_quantized_tiny_model_transcribes_jfk(tool: Path, tmp_path: Path) -> None:
-    made = quantize(tool, TINY, "q5_1", tmp_path)
+    made = quantize(tool, TINY_EN, "q5_1", tmp_path)
     assert made.name == "ggml-tiny.en-q5_1.bin"
-    assert made.stat().st_size < TINY.stat().st_size / 2
-    again = quantize(tool, TINY, "q5_1", tmp_path / "again")
+    assert made.stat().st_size < TINY_EN.stat().st_size / 2
+    again = quantize(tool, TINY_EN, "q5_1", tmp_path / "again")
     assert sha256(again) == sha256(made)  # deterministic: a deployment can pin the checksum
 
     pcm = tmp_path / "jfk.pcm"

@@ -27,7 +27,7 @@ import yaml
 from kubernetes import watch
 
 from devtools.controller_helpers import ControllerProcess, eventually
-from devtools.media import MEDIA_CACHE, MODELS, make_spoken_talk
+from devtools.media import MEDIA_CACHE, TINY_EN, TINY_EN_SHA256, make_spoken_talk
 from devtools.services import Database, WebDAVServer
 from tests.conftest import Queue, RunnerLogin
 from tests.deploy.chart import CHART, helm
@@ -40,9 +40,6 @@ Talk = Callable[..., tuple[int, Any]]
 
 #: What jfk.wav says; the runner's transcript must contain it (real model, real pod).
 SPOKEN = "ask not what your country can do for you"
-#: The real tiny.en model (shared/models) and its checksum, for the model-volume test.
-TINY = MODELS / "ggml-tiny.en.bin"
-TINY_SHA256 = "49b35c0f0fa5e8fe48396546d4c3308e7cc3e8a50589273a99710c76fd373fdf"
 
 
 class PodRecorder:
@@ -473,13 +470,13 @@ def test_a_model_on_a_persistent_volume_is_checked_and_used(
     The volume is a statically provisioned hostPath PersistentVolume on the node, bound by
     kube-controller-manager's binder to the claim the operator would make: a cluster's
     storage class would provision another kind, which the pod sees the same way."""
-    if not TINY.exists():
+    if not TINY_EN.exists():
         pytest.skip("no real tiny.en model present")
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copyfile(TINY, models / TINY.name)
+    shutil.copyfile(TINY_EN, models / TINY_EN.name)
     models.chmod(0o755)
-    (models / TINY.name).chmod(0o444)
+    (models / TINY_EN.name).chmod(0o444)
     core, namespace = real_setup.core, real_setup.namespace
     volume = f"{namespace}-models"
     core.create_persistent_volume({
@@ -497,9 +494,10 @@ def test_a_model_on_a_persistent_volume_is_checked_and_used(
             "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
                      "volumeName": volume, "resources": {"requests": {"storage": "1Gi"}}},
         })  # fmt: skip
+        file = f"volume/{TINY_EN.name}"
         catalog = json.dumps({
-            "tiny.en": {"file": f"volume/{TINY.name}", "sha256": TINY_SHA256, "memory": "600Mi"},
-            "swapped": {"file": f"volume/{TINY.name}", "sha256": "0" * 64},
+            "tiny.en": {"file": file, "sha256": TINY_EN_SHA256, "memory": "600Mi"},
+            "swapped": {"file": file, "sha256": "0" * 64},
         })  # fmt: skip
         # The chart renders the catalog into both ConfigMaps: the runner's, and the
         # controller's environment.
@@ -529,15 +527,13 @@ def test_a_model_on_a_persistent_volume_is_checked_and_used(
     assert claims == [{"claimName": "whisper-models", "readOnly": True}]
     logs = real_setup.kubectl("logs", f"job/{done['runner_name']}").stdout.splitlines()
     verified = [json.loads(line) for line in logs if '"model_verified"' in line]
-    assert [(v["model"], v["model_path"]) for v in verified] == [
-        ("tiny.en", f"/models/volume/{TINY.name}")
-    ]
+    path = f"/models/volume/{TINY_EN.name}"
+    assert [(v["model"], v["model_path"]) for v in verified] == [("tiny.en", path)]
 
-    path = f"/models/volume/{TINY.name}"
     assert (failed["status"], failed["attempts"], failed["failure_reason"]) == (
         "failed", 1, "runner_error_permanent",
     )  # fmt: skip
     assert failed["error_message"] == (
-        f"model swapped: {path} has sha256 {TINY_SHA256}, the catalog says {'0' * 64} "
+        f"model swapped: {path} has sha256 {TINY_EN_SHA256}, the catalog says {'0' * 64} "
         "(WHISPER_MODELS)"
     )
